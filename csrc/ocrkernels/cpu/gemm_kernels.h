@@ -1,0 +1,194 @@
+// Small GEMM micro-kernels for the spatial gather's pixel tiles, row-major, fp32 AVX2+FMA with
+// a portable fallback (also the fp64 path). BLAS is slow on these shapes: one dimension is the
+// class count K (19 for Cityscapes) and the calls are per 256-pixel tile inside a fused loop,
+// where the tile's operands already sit in L1/L2.
+//
+//   gemm_nn: Out[i, n]  = sum_j A[i, j] * Bm[j, n]    (i < M, j < J, n < nb; overwrites Out)
+//   gemm_nt: Out[i, j] += sum_n A[i, n] * Bm[j, n]    (i < M, j < J, n < nb; accumulates)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define OCR_HAVE_AVX2_PATH 1
+#define OCR_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define OCR_HAVE_AVX2_PATH 0
+#endif
+
+namespace ocrkernels {
+namespace cpu {
+
+inline bool cpu_has_avx2() {
+#if OCR_HAVE_AVX2_PATH
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
+                     int64_t ldb, T* Out, int64_t ldo) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* o = Out + i * ldo;
+    for (int64_t n = 0; n < nb; ++n) o[n] = 0;
+    for (int64_t j = 0; j < J; ++j) {
+      const T a = A[i * lda + j];
+      const T* b = Bm + j * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < nb; ++n) o[n] += a * b[n];
+    }
+  }
+}
+
+template <typename T>
+void gemm_nt_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
+                     int64_t ldb, T* Out, int64_t ldo) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < J; ++j) {
+      const T* a = A + i * lda;
+      const T* b = Bm + j * ldb;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t n = 0; n < nb; ++n) acc += a[n] * b[n];
+      Out[i * ldo + j] += acc;
+    }
+  }
+}
+
+#if OCR_HAVE_AVX2_PATH
+
+OCR_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MT rows of Out, 16 columns [n, n+16): 2*MT accumulators live in registers over all of J.
+template <int MT>
+OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const float* Bm,
+                               int64_t ldb, float* Out, int64_t ldo) {
+  __m256 acc[MT][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < J; ++j) {
+    const __m256 b0 = _mm256_loadu_ps(Bm + j * ldb);
+    const __m256 b1 = _mm256_loadu_ps(Bm + j * ldb + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + j);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r) {
+    _mm256_storeu_ps(Out + r * ldo, acc[r][0]);
+    _mm256_storeu_ps(Out + r * ldo + 8, acc[r][1]);
+  }
+}
+
+// Out[:, n:n+16] for all rows, from a packed strip Bp (J x 16, contiguous). Packing first keeps
+// the strip's J rows in consecutive cache lines: read in place they sit N floats apart, a
+// power-of-two stride that maps them all onto a few cache sets.
+OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
+  thread_local std::vector<float> strip;
+  if (static_cast<int64_t>(strip.size()) < J * 16) strip.resize(J * 16);
+  float* Bp = strip.data();
+  int64_t n = 0;
+  for (; n + 16 <= nb; n += 16) {
+    for (int64_t j = 0; j < J; ++j) {
+      _mm256_storeu_ps(Bp + j * 16, _mm256_loadu_ps(Bm + j * ldb + n));
+      _mm256_storeu_ps(Bp + j * 16 + 8, _mm256_loadu_ps(Bm + j * ldb + n + 8));
+    }
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6) nn_tile16<6>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo);
+    for (; i < M; ++i) nn_tile16<1>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo);
+  }
+  if (n < nb)  // column tail
+    gemm_nn_generic(M, J, nb - n, A, lda, Bm + n, ldb, Out + n, ldo);
+}
+
+// MT x JT block of Out: MT * JT accumulators of 8 lanes each, reduced once at the end.
+template <int MT, int JT>
+OCR_AVX2 inline void nt_block(int64_t nb, const float* A, int64_t lda, const float* Bm,
+                              int64_t ldb, float* Out, int64_t ldo) {
+  __m256 acc[MT][JT];
+#pragma GCC unroll 16
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 16
+    for (int q = 0; q < JT; ++q) acc[r][q] = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 8 <= nb; n += 8) {
+    __m256 b[JT];
+#pragma GCC unroll 16
+    for (int q = 0; q < JT; ++q) b[q] = _mm256_loadu_ps(Bm + q * ldb + n);
+#pragma GCC unroll 16
+    for (int r = 0; r < MT; ++r) {
+      const __m256 a = _mm256_loadu_ps(A + r * lda + n);
+#pragma GCC unroll 16
+      for (int q = 0; q < JT; ++q) acc[r][q] = _mm256_fmadd_ps(a, b[q], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < MT; ++r) {
+    for (int q = 0; q < JT; ++q) {
+      float s = hsum256(acc[r][q]);
+      for (int64_t m = n; m < nb; ++m) s += A[r * lda + m] * Bm[q * ldb + m];
+      Out[r * ldo + q] += s;
+    }
+  }
+}
+
+template <int MT>
+OCR_AVX2 inline void nt_rows(int64_t J, int64_t nb, const float* A, int64_t lda, const float* Bm,
+                             int64_t ldb, float* Out, int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 3 <= J; j += 3) nt_block<MT, 3>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo);
+  for (; j < J; ++j) nt_block<MT, 1>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo);
+}
+
+OCR_AVX2 inline void gemm_nt_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) nt_rows<4>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo);
+  for (; i < M; ++i) nt_rows<1>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo);
+}
+
+#endif  // OCR_HAVE_AVX2_PATH
+
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
+                    int64_t ldb, T* Out, int64_t ldo) {
+  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+}
+
+template <typename T>
+inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
+                    int64_t ldb, T* Out, int64_t ldo) {
+  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+}
+
+#if OCR_HAVE_AVX2_PATH
+template <>
+inline void gemm_nn<float>(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                           const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
+  if (cpu_has_avx2()) return gemm_nn_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+}
+
+template <>
+inline void gemm_nt<float>(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                           const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
+  if (cpu_has_avx2()) return gemm_nt_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+}
+#endif
+
+}  // namespace cpu
+}  // namespace ocrkernels

@@ -1,0 +1,349 @@
+// Spatial gather on the CPU: R[b, c, k] = sum_n softmax_n(s * P[b, k, n]) * F[b, c, n].
+//
+// Pixels are cut into fixed chunks of kChunkN (the unit of parallel work; fixed, so that the
+// result's bits do not depend on the thread count) and chunks into tiles of kTileN pixels.
+//
+// Forward, per (batch, chunk): an online softmax over the chunk's tiles. For each tile every
+// class row finds the tile max, merges it into the running statistics (max, sum of exp) and
+// writes exp(s*P - max) to a K x kTileN scratch; the chunk's weighted sums (C x K) are rescaled
+// when a max moved and the tile's F (C x nb) . E^T (nb x K) is accumulated onto them with a
+// register-blocked micro-kernel, while the tile is still in cache. The chunks' partials are then
+// merged in chunk order (no atomics). Only the per-row log-sum-exp (B, K) is kept for backward.
+//
+// Backward, per (batch, chunk), tile by tile: W = exp(s*P - lse) is rebuilt from the saved lse,
+//   D_tile      = dR^T (K x C) . F_tile      stored in grad_probs' buffer,
+//   delta_part += rowsum(W * D_tile),
+//   grad_F_tile = dR (C x K) . W (K x nb)    written straight into grad_feats;
+// then, per row, delta = sum of the chunks' parts in chunk order and a last pass turns D into
+// grad_P = s * W * (D - delta), rebuilding W once more (an exp is cheaper than a K x N map).
+//
+// fp16 / bf16 inputs are accumulated in fp32; fp64 stays fp64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/online_softmax.h"
+#include "gemm_kernels.h"
+
+namespace ocrkernels {
+namespace {
+
+// The exp loops are the only element-wise work of any weight. Each is compiled twice, for
+// AVX2+FMA and for the baseline ISA, and picked at run time (no -march flag at build time, so
+// the extension runs on any x86-64). OCR_LOOP_BODY functions are always inlined into both.
+#if OCR_HAVE_AVX2_PATH
+#define OCR_DISPATCH(ret, name, params, args)                                       \
+  OCR_AVX2 ret name##_avx2 params { return name##_body args; }                     \
+  ret name##_base params { return name##_body args; }                              \
+  ret name params { return cpu::cpu_has_avx2() ? name##_avx2 args : name##_base args; }
+#else
+#define OCR_DISPATCH(ret, name, params, args) \
+  ret name params { return name##_body args; }
+#endif
+#define OCR_LOOP_BODY inline __attribute__((always_inline))
+
+// max_i s * x[i]
+OCR_LOOP_BODY float scaled_max_f32_body(const float* x, float s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = s * x[i];
+    m = v > m ? v : m;
+  }
+  return m;
+}
+OCR_DISPATCH(float, scaled_max_f32, (const float* x, float s, int64_t n), (x, s, n))
+
+// out[i] = exp(s * x[i] - shift); returns sum_i out[i].
+OCR_LOOP_BODY float exp_shifted_f32_body(const float* x, float s, float shift, float* out,
+                                         int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = s * x[i];  // rounded before the shift, as softmax(s * x) does
+    float e = exp_f32(v - shift);
+    out[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+OCR_DISPATCH(float, exp_shifted_f32,
+             (const float* x, float s, float shift, float* out, int64_t n),
+             (x, s, shift, out, n))
+
+// d[i] <- s * w[i] * (d[i] - delta) with w[i] = exp(s * x[i] - lse).
+OCR_LOOP_BODY void softmax_grad_f32_body(const float* x, float s, float lse, float delta,
+                                         float* d, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float v = s * x[i];
+    float w = exp_f32(v - lse);
+    d[i] = s * softmax_input_grad(w, d[i], delta);
+  }
+}
+OCR_DISPATCH(void, softmax_grad_f32,
+             (const float* x, float s, float lse, float delta, float* d, int64_t n),
+             (x, s, lse, delta, d, n))
+
+// sum_i w[i] * d[i] with w[i] = exp(s * x[i] - lse), w written to `w_out`.
+OCR_LOOP_BODY float weights_dot_f32_body(const float* x, float s, float lse, const float* d,
+                                         float* w_out, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = s * x[i];
+    float w = exp_f32(v - lse);
+    w_out[i] = w;
+    sum += w * d[i];
+  }
+  return sum;
+}
+OCR_DISPATCH(float, weights_dot_f32,
+             (const float* x, float s, float lse, const float* d, float* w_out, int64_t n),
+             (x, s, lse, d, w_out, n))
+
+// Generic (fp64) versions of the same four loops.
+template <typename T>
+T scaled_max(const T* x, T s, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, s * x[i]);
+  return m;
+}
+template <typename T>
+T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = exp_acc(s * x[i] - shift);
+    sum += out[i];
+  }
+  return sum;
+}
+template <typename T>
+void softmax_grad(const T* x, T s, T lse, T delta, T* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    d[i] = s * softmax_input_grad(exp_acc(s * x[i] - lse), d[i], delta);
+}
+template <typename T>
+T weights_dot(const T* x, T s, T lse, const T* d, T* w_out, int64_t n) {
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    w_out[i] = exp_acc(s * x[i] - lse);
+    sum += w_out[i] * d[i];
+  }
+  return sum;
+}
+template <>
+float scaled_max<float>(const float* x, float s, int64_t n) {
+  return scaled_max_f32(x, s, n);
+}
+template <>
+float exp_shifted<float>(const float* x, float s, float shift, float* out, int64_t n) {
+  return exp_shifted_f32(x, s, shift, out, n);
+}
+template <>
+void softmax_grad<float>(const float* x, float s, float lse, float delta, float* d, int64_t n) {
+  softmax_grad_f32(x, s, lse, delta, d, n);
+}
+template <>
+float weights_dot<float>(const float* x, float s, float lse, const float* d, float* w_out,
+                         int64_t n) {
+  return weights_dot_f32(x, s, lse, d, w_out, n);
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Chunks of pixels are the unit of parallel work; tiles are the unit of the fused loop.
+constexpr int64_t kChunkN = 2048;
+constexpr int64_t kTileN = 512;
+
+int64_t num_chunks(int64_t n) { return (n + kChunkN - 1) / kChunkN; }
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const at::Tensor& feats,
+                                                double scale_d) {
+  const int64_t B = probs.size(0), K = probs.size(1), C = feats.size(1);
+  const int64_t N = probs.size(2) * probs.size(3);
+  const int64_t T = num_chunks(N);
+  const auto acc = acc_type_of(probs.scalar_type());
+  const acc_t s = static_cast<acc_t>(scale_d);
+
+  at::Tensor P = probs.reshape({B, K, N}).contiguous().to(acc);
+  at::Tensor F = feats.reshape({B, C, N}).contiguous().to(acc);
+  auto opts = P.options();
+  // Per-chunk partials: softmax statistics and the weighted feature sums against the chunk max.
+  at::Tensor partial = at::zeros({B, T, C, K}, opts);
+  std::vector<SoftmaxStats<acc_t>> stats(B * T * K);
+  const acc_t* p_ptr = P.const_data_ptr<acc_t>();
+  const acc_t* f_ptr = F.const_data_ptr<acc_t>();
+  acc_t* part_ptr = partial.data_ptr<acc_t>();
+
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> E(K * kTileN), alpha(K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, j = task % T;
+      const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+      SoftmaxStats<acc_t>* st = stats.data() + task * K;
+      acc_t* O = part_ptr + task * C * K;  // (C, K)
+      for (int64_t k = 0; k < K; ++k) st[k] = {-std::numeric_limits<acc_t>::infinity(), 0};
+      for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
+        const int64_t nb = std::min(kTileN, c1 - n0);
+        bool rescaled = false;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t* x = p_ptr + (b * K + k) * N + n0;
+          const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
+          const acc_t tile_sum = exp_shifted(x, s, m, E.data() + k * kTileN, nb);
+          alpha[k] = rescale(st[k].max, m);
+          rescaled |= n0 != c0 && alpha[k] != acc_t(1);
+          st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
+        }
+        if (rescaled)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = 0; k < K; ++k) O[c * K + k] *= alpha[k];
+        // O (C x K) += F_tile (C x nb) . E^T (nb x K)
+        cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E.data(), kTileN, O, K);
+      }
+    }
+  });
+
+  // Merge the chunks of each row in chunk order: R = sum_j exp(m_j - m) O_j / L.
+  at::Tensor lse = at::empty({B, K}, opts);
+  at::Tensor factor = at::empty({B, T, K}, opts);
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  acc_t* factor_ptr = factor.data_ptr<acc_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      SoftmaxStats<acc_t> total = stats[(b * T) * K + k];
+      for (int64_t j = 1; j < T; ++j) total = merge(total, stats[(b * T + j) * K + k]);
+      lse_ptr[b * K + k] = log_sum_exp(total);
+      for (int64_t j = 0; j < T; ++j)
+        factor_ptr[(b * T + j) * K + k] =
+            rescale(stats[(b * T + j) * K + k].max, total.max) / total.sum;
+    }
+  }
+  at::Tensor out_acc = at::empty({B, C, K}, opts);
+  acc_t* o_ptr = out_acc.data_ptr<acc_t>();
+  at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      acc_t* o = o_ptr + bc * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = 0;
+      for (int64_t j = 0; j < T; ++j) {
+        const acc_t* pj = part_ptr + ((b * T + j) * C + c) * K;
+        const acc_t* fj = factor_ptr + (b * T + j) * K;
+        for (int64_t k = 0; k < K; ++k) o[k] += pj[k] * fj[k];
+      }
+    }
+  });
+  at::Tensor out = out_acc.to(probs.scalar_type()).unsqueeze(3);
+  return {out, lse};
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
+                                                 const at::Tensor& probs, const at::Tensor& feats,
+                                                 const at::Tensor& lse_in, double scale_d) {
+  const int64_t B = probs.size(0), K = probs.size(1), C = feats.size(1);
+  const int64_t H = probs.size(2), W = probs.size(3), N = H * W;
+  const int64_t T = num_chunks(N);
+  const auto acc = acc_type_of(probs.scalar_type());
+  const acc_t s = static_cast<acc_t>(scale_d);
+
+  at::Tensor P = probs.reshape({B, K, N}).contiguous().to(acc);
+  at::Tensor F = feats.reshape({B, C, N}).contiguous().to(acc);
+  at::Tensor dR = grad_out.reshape({B, C, K}).to(acc).contiguous();
+  at::Tensor dRt = dR.transpose(1, 2).contiguous();  // (B, K, C)
+  at::Tensor lse = lse_in.to(acc).contiguous();
+  auto opts = P.options();
+  // D = dR^T F is built in grad_probs' buffer and turned into grad_probs in place at the end;
+  // fp16 / bf16 results go through fp32 buffers.
+  at::Tensor gP = at::empty({B, K, N}, opts);
+  at::Tensor gF = at::empty({B, C, N}, opts);
+  at::Tensor delta_part = at::zeros({B, T, K}, opts);
+  const acc_t* p_ptr = P.const_data_ptr<acc_t>();
+  const acc_t* f_ptr = F.const_data_ptr<acc_t>();
+  const acc_t* dr_ptr = dR.const_data_ptr<acc_t>();
+  const acc_t* drt_ptr = dRt.const_data_ptr<acc_t>();
+  const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
+  acc_t* gp_ptr = gP.data_ptr<acc_t>();
+  acc_t* gf_ptr = gF.data_ptr<acc_t>();
+  acc_t* dp_ptr = delta_part.data_ptr<acc_t>();
+
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Wt(K * kTileN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, j = task % T;
+      const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+      for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
+        const int64_t nb = std::min(kTileN, c1 - n0);
+        const acc_t* Ft = f_ptr + b * C * N + n0;
+        acc_t* D = gp_ptr + b * K * N + n0;
+        // D (K x nb) = dR^T (K x C) . F_tile (C x nb)
+        cpu::gemm_nn<acc_t>(K, C, nb, drt_ptr + b * K * C, C, Ft, N, D, N);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row = b * K + k;
+          dp_ptr[task * K + k] += weights_dot(p_ptr + row * N + n0, s, lse_ptr[row],
+                                              D + k * N, Wt.data() + k * kTileN, nb);
+        }
+        // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
+        cpu::gemm_nn<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt.data(), kTileN,
+                            gf_ptr + b * C * N + n0, N);
+      }
+    }
+  });
+
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / K, k = row % K;
+      acc_t delta = 0;
+      for (int64_t j = 0; j < T; ++j) delta += dp_ptr[(b * T + j) * K + k];
+      softmax_grad(p_ptr + row * N, s, lse_ptr[row], delta, gp_ptr + row * N, N);
+    }
+  });
+
+  return {gP.to(probs.scalar_type()).view({B, K, H, W}),
+          gF.to(probs.scalar_type()).view({B, C, H, W})};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_gather_forward_cpu(const at::Tensor& probs,
+                                                              const at::Tensor& feats,
+                                                              double scale) {
+  check_spatial_gather_args(probs, feats);
+  // The ATen calls inside work on raw blocks: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (probs.scalar_type() == at::kDouble) return forward_impl<double>(probs, feats, scale);
+  return forward_impl<float>(probs, feats, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_gather_backward_cpu(const at::Tensor& grad_out,
+                                                               const at::Tensor& probs,
+                                                               const at::Tensor& feats,
+                                                               const at::Tensor& lse,
+                                                               double scale) {
+  check_spatial_gather_backward_args(grad_out, probs, feats, lse);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (probs.scalar_type() == at::kDouble)
+    return backward_impl<double>(grad_out, probs, feats, lse, scale);
+  return backward_impl<float>(grad_out, probs, feats, lse, scale);
+}
+
+at::Tensor spatial_gather_cpu(const at::Tensor& probs, const at::Tensor& feats, double scale) {
+  return std::get<0>(spatial_gather_forward_cpu(probs, feats, scale));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ocrkernels, CPU, m) {
+  m.impl("spatial_gather", &spatial_gather_cpu);
+  m.impl("spatial_gather_forward", &spatial_gather_forward_cpu);
+  m.impl("spatial_gather_backward", &spatial_gather_backward_cpu);
+}
+
+}  // namespace ocrkernels

@@ -1,0 +1,27 @@
+"""ocrkernels: fused kernels for OCRNet's object-contextual representations.
+
+    import ocrkernels
+    regions = ocrkernels.spatial_gather(coarse_logits, feats)      # (B, C, K, 1)
+    head = ocrkernels.OCRHead(in_channels=270, num_classes=19, fused=True)
+    logits = head(feats, coarse_logits)                             # (B, 19, H, W)
+
+See :mod:`ocrkernels.ops` for the backends and :mod:`ocrkernels.reference` for the semantics.
+"""
+
+from . import reference
+from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
+from .ops import BACKENDS, available_backends, resolve_backend, spatial_gather
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ConvBNReLU",
+    "OCRHead",
+    "ObjectAttention",
+    "SpatialGather",
+    "available_backends",
+    "reference",
+    "resolve_backend",
+    "spatial_gather",
+]

@@ -1,0 +1,177 @@
+"""Public functional API of the OCR core, and the one place where a backend is chosen.
+
+Backends:
+    ``reference``  plain PyTorch (:mod:`ocrkernels.reference`), any device, always available.
+    ``cpu``        the C++ kernels of ``ocrkernels._C`` (OpenMP, vectorised), CPU tensors.
+    ``cuda``       CUDA kernels of ``ocrkernels._C`` when it was built with them, CUDA tensors.
+    ``triton``     Triton kernels, CUDA tensors.
+    ``auto``       the default: CPU tensors -> ``cpu`` when the extension is built, CUDA
+                   tensors -> ``triton`` or ``cuda`` when available; otherwise ``reference``.
+
+The environment variable ``OCRKERNELS_BACKEND`` replaces ``auto`` (an explicit ``backend=``
+argument other than ``auto`` always wins). Asking for a backend that is not available raises
+a :class:`RuntimeError` that says why.
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["spatial_gather", "available_backends", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKEND_ENV = "OCRKERNELS_BACKEND"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+try:  # the compiled op library; its absence leaves the reference path working
+    from . import _C  # noqa: F401
+
+    _EXT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded() -> bool:
+    return _EXT_ERROR is None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"ocrkernels::{op}", key)
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if not extension_loaded():
+            return (f"the compiled extension ocrkernels._C could not be loaded ({_EXT_ERROR}); "
+                    "build it with `pip install -e .`")
+        if device.type != backend:
+            return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
+        if not _has_kernel("spatial_gather", backend.upper()):
+            return ("ocrkernels._C was built without CUDA kernels (rebuild with nvcc present, "
+                    "or FORCE_CUDA=1)")
+        return None
+    if backend == "triton":
+        return "Triton kernels are not part of this version of ocrkernels"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on tensors of `device`, in the order ``auto`` prefers them."""
+    device = torch.device(device)
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return [b for b in order if _unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call on `device`; raises when it cannot run there."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return available_backends(device)[0]
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"ocrkernels backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def check_spatial_gather_inputs(probs: Tensor, feats: Tensor, scale: float) -> None:
+    """Raise ValueError / TypeError naming the argument when the inputs do not fit."""
+    for name, t in (("probs", probs), ("feats", feats)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"spatial_gather: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if probs.dim() != 4:
+        raise ValueError(f"spatial_gather: probs must have shape (B, K, H, W), got "
+                         f"{tuple(probs.shape)}")
+    if feats.dim() != 4:
+        raise ValueError(f"spatial_gather: feats must have shape (B, C, H, W), got "
+                         f"{tuple(feats.shape)}")
+    B, K, H, W = probs.shape
+    if feats.shape[0] != B or feats.shape[2:] != probs.shape[2:]:
+        raise ValueError(
+            f"spatial_gather: feats must have shape (B, C, H, W) = ({B}, C, {H}, {W}) to match "
+            f"probs {tuple(probs.shape)}, got {tuple(feats.shape)}")
+    if B == 0:
+        raise ValueError(f"spatial_gather: empty batch, probs has shape {tuple(probs.shape)}")
+    if K == 0:
+        raise ValueError(f"spatial_gather: probs needs K >= 1 classes, got {tuple(probs.shape)}")
+    if feats.shape[1] == 0:
+        raise ValueError(f"spatial_gather: feats needs C >= 1 channels, got {tuple(feats.shape)}")
+    if H * W == 0:
+        raise ValueError(f"spatial_gather: the softmax runs over H*W pixels, which must be > 0; "
+                         f"probs has shape {tuple(probs.shape)}")
+    if probs.dtype not in _DTYPES:
+        raise ValueError(f"spatial_gather: probs must be float32, float64, float16 or bfloat16, "
+                         f"got {probs.dtype}")
+    if feats.dtype != probs.dtype:
+        raise ValueError(f"spatial_gather: feats must have the dtype of probs ({probs.dtype}), "
+                         f"got {feats.dtype}")
+    if feats.device != probs.device:
+        raise ValueError(f"spatial_gather: feats must be on the device of probs ({probs.device}), "
+                         f"got {feats.device}")
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"spatial_gather: scale must be a real number, got {scale!r}")
+
+
+def spatial_gather(probs: Tensor, feats: Tensor, scale: float = 1.0, *,
+                   backend: str = "auto") -> Tensor:
+    """Softmax of the coarse logits over all pixels, then one feature vector per class.
+
+    Args:
+        probs: (B, K, H, W) coarse class logits (the auxiliary head's raw output).
+        feats: (B, C, H, W) pixel features, same dtype and device.
+        scale: multiplies the logits before the softmax.
+        backend: ``auto | reference | cpu | cuda | triton`` (see the module docstring).
+
+    Returns:
+        (B, C, K, 1) region vectors, in the input dtype (fp16/bf16 are accumulated in fp32).
+        Differentiable with respect to both inputs.
+    """
+    check_spatial_gather_inputs(probs, feats, scale)
+    impl = resolve_backend(backend, probs.device)
+    if impl == "reference":
+        return reference.spatial_gather(probs, feats, float(scale))
+    return torch.ops.ocrkernels.spatial_gather(probs, feats, float(scale))
+
+
+def _register_fakes() -> None:
+    """Shape functions so that torch.compile and FakeTensor tracing see through the ops."""
+
+    def acc_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("ocrkernels::spatial_gather")
+    def _(probs, feats, scale):
+        check_spatial_gather_inputs(probs, feats, scale)
+        B, K = probs.shape[:2]
+        return probs.new_empty((B, feats.shape[1], K, 1))
+
+    @torch.library.register_fake("ocrkernels::spatial_gather_forward")
+    def _(probs, feats, scale):
+        check_spatial_gather_inputs(probs, feats, scale)
+        B, K = probs.shape[:2]
+        return (probs.new_empty((B, feats.shape[1], K, 1)),
+                probs.new_empty((B, K), dtype=acc_dtype(probs.dtype)))
+
+    @torch.library.register_fake("ocrkernels::spatial_gather_backward")
+    def _(grad_out, probs, feats, lse, scale):
+        check_spatial_gather_inputs(probs, feats, scale)
+        return (probs.new_empty(probs.shape, memory_format=torch.contiguous_format),
+                feats.new_empty(feats.shape, memory_format=torch.contiguous_format))
+
+
+if extension_loaded():
+    _register_fakes()
