@@ -41,9 +41,13 @@ def extension_loaded() -> bool:
     return _EXT_ERROR is None
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"ocrkernels::{op}", key)
+def _kernel_keys() -> frozenset[str]:
+    """Dispatch keys with compiled kernels, read once (a constant for torch.compile to see)."""
+    if not extension_loaded():
+        return frozenset()
+    return frozenset(key for key in ("CPU", "CUDA") if
+                     torch._C._dispatch_has_kernel_for_dispatch_key("ocrkernels::spatial_gather",
+                                                                    key))
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -56,7 +60,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
                     "build it with `pip install -e .`")
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
-        if not _has_kernel("spatial_gather", backend.upper()):
+        if backend.upper() not in _KERNEL_KEYS:
             return ("ocrkernels._C was built without CUDA kernels (rebuild with nvcc present, "
                     "or FORCE_CUDA=1)")
         return None
@@ -164,14 +168,15 @@ def _register_fakes() -> None:
         check_spatial_gather_inputs(probs, feats, scale)
         B, K = probs.shape[:2]
         return (probs.new_empty((B, feats.shape[1], K, 1)),
-                probs.new_empty((B, K), dtype=acc_dtype(probs.dtype)))
+                probs.new_empty((B, K, 2), dtype=acc_dtype(probs.dtype)))
 
     @torch.library.register_fake("ocrkernels::spatial_gather_backward")
     def _(grad_out, probs, feats, lse, scale):
         check_spatial_gather_inputs(probs, feats, scale)
-        return (probs.new_empty(probs.shape, memory_format=torch.contiguous_format),
-                feats.new_empty(feats.shape, memory_format=torch.contiguous_format))
+        return (probs.new_empty(probs.shape),
+                feats.new_empty(feats.shape))
 
 
+_KERNEL_KEYS = _kernel_keys()
 if extension_loaded():
     _register_fakes()

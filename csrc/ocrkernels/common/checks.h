@@ -43,9 +43,9 @@ inline void check_spatial_gather_backward_args(const at::Tensor& grad_out, const
                   grad_out.size(2) == K && grad_out.size(3) == 1,
               "spatial_gather_backward: grad_out must have shape (B, C, K, 1) = (", B, ", ", C, ", ",
               K, ", 1), got ", grad_out.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == K,
-              "spatial_gather_backward: lse must have shape (B, K) = (", B, ", ", K, "), got ",
-              lse.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == K && lse.size(2) == 2,
+              "spatial_gather_backward: lse must have shape (B, K, 2) = (", B, ", ", K,
+              ", 2), got ", lse.sizes());
   TORCH_CHECK(grad_out.device() == probs.device() && lse.device() == probs.device(),
               "spatial_gather_backward: grad_out and lse must be on the device of probs (",
               probs.device(), ")");

@@ -70,10 +70,17 @@ OCR_HD SoftmaxStats<acc_t> merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
   return {m, a.sum * rescale(a.max, m) + b.sum * rescale(b.max, m)};
 }
 
-// log-sum-exp of a merged row: what backward needs to rebuild every softmax weight.
+// A row's softmax is kept for backward as the split log-sum-exp (max, log sum): the weight of
+// a scaled logit v is then exp((v - max) - log_sum). Folding the two into one lse would round
+// it to fp32's ulp at the logits' magnitude (1e-3 at 1e4) and every weight with it.
 template <typename acc_t>
-OCR_HD acc_t log_sum_exp(SoftmaxStats<acc_t> s) {
-  return s.max + std::log(s.sum);
+OCR_HD acc_t log_sum(SoftmaxStats<acc_t> s) {
+  return std::log(s.sum);
+}
+
+template <typename acc_t>
+OCR_HD acc_t softmax_weight(acc_t v, acc_t max, acc_t log_sum) {
+  return exp_acc((v - max) - log_sum);
 }
 
 // Gradient of the softmax input from the gradient of its output, per element:

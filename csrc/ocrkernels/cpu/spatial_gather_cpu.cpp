@@ -8,9 +8,10 @@
 // writes exp(s*P - max) to a K x kTileN scratch; the chunk's weighted sums (C x K) are rescaled
 // when a max moved and the tile's F (C x nb) . E^T (nb x K) is accumulated onto them with a
 // register-blocked micro-kernel, while the tile is still in cache. The chunks' partials are then
-// merged in chunk order (no atomics). Only the per-row log-sum-exp (B, K) is kept for backward.
+// merged in chunk order (no atomics). Only the per-row split log-sum-exp (B, K, 2) = (max,
+// log sum) is kept for backward.
 //
-// Backward, per (batch, chunk), tile by tile: W = exp(s*P - lse) is rebuilt from the saved lse,
+// Backward, per (batch, chunk), tile by tile: W is rebuilt from the saved (max, log sum),
 //   D_tile      = dR^T (K x C) . F_tile      stored in grad_probs' buffer,
 //   delta_part += rowsum(W * D_tile),
 //   grad_F_tile = dR (C x K) . W (K x nb)    written straight into grad_feats;
@@ -77,36 +78,35 @@ OCR_DISPATCH(float, exp_shifted_f32,
              (const float* x, float s, float shift, float* out, int64_t n),
              (x, s, shift, out, n))
 
-// d[i] <- s * w[i] * (d[i] - delta) with w[i] = exp(s * x[i] - lse).
-OCR_LOOP_BODY void softmax_grad_f32_body(const float* x, float s, float lse, float delta,
-                                         float* d, int64_t n) {
+// d[i] <- s * w[i] * (d[i] - delta) with w[i] = softmax_weight(s * x[i], m, logl).
+OCR_LOOP_BODY void softmax_grad_f32_body(const float* x, float s, float m, float logl,
+                                         float delta, float* d, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float v = s * x[i];
-    float w = exp_f32(v - lse);
+    float w = softmax_weight(s * x[i], m, logl);
     d[i] = s * softmax_input_grad(w, d[i], delta);
   }
 }
 OCR_DISPATCH(void, softmax_grad_f32,
-             (const float* x, float s, float lse, float delta, float* d, int64_t n),
-             (x, s, lse, delta, d, n))
+             (const float* x, float s, float m, float logl, float delta, float* d, int64_t n),
+             (x, s, m, logl, delta, d, n))
 
-// sum_i w[i] * d[i] with w[i] = exp(s * x[i] - lse), w written to `w_out`.
-OCR_LOOP_BODY float weights_dot_f32_body(const float* x, float s, float lse, const float* d,
-                                         float* w_out, int64_t n) {
+// sum_i w[i] * d[i] with w[i] = softmax_weight(s * x[i], m, logl), w written to `w_out`.
+OCR_LOOP_BODY float weights_dot_f32_body(const float* x, float s, float m, float logl,
+                                         const float* d, float* w_out, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    float v = s * x[i];
-    float w = exp_f32(v - lse);
+    float w = softmax_weight(s * x[i], m, logl);
     w_out[i] = w;
     sum += w * d[i];
   }
   return sum;
 }
 OCR_DISPATCH(float, weights_dot_f32,
-             (const float* x, float s, float lse, const float* d, float* w_out, int64_t n),
-             (x, s, lse, d, w_out, n))
+             (const float* x, float s, float m, float logl, const float* d, float* w_out,
+              int64_t n),
+             (x, s, m, logl, d, w_out, n))
 
 // Generic (fp64) versions of the same four loops.
 template <typename T>
@@ -125,15 +125,15 @@ T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
   return sum;
 }
 template <typename T>
-void softmax_grad(const T* x, T s, T lse, T delta, T* d, int64_t n) {
+void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
-    d[i] = s * softmax_input_grad(exp_acc(s * x[i] - lse), d[i], delta);
+    d[i] = s * softmax_input_grad(softmax_weight(s * x[i], m, logl), d[i], delta);
 }
 template <typename T>
-T weights_dot(const T* x, T s, T lse, const T* d, T* w_out, int64_t n) {
+T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
   T sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    w_out[i] = exp_acc(s * x[i] - lse);
+    w_out[i] = softmax_weight(s * x[i], m, logl);
     sum += w_out[i] * d[i];
   }
   return sum;
@@ -147,13 +147,14 @@ float exp_shifted<float>(const float* x, float s, float shift, float* out, int64
   return exp_shifted_f32(x, s, shift, out, n);
 }
 template <>
-void softmax_grad<float>(const float* x, float s, float lse, float delta, float* d, int64_t n) {
-  softmax_grad_f32(x, s, lse, delta, d, n);
+void softmax_grad<float>(const float* x, float s, float m, float logl, float delta, float* d,
+                         int64_t n) {
+  softmax_grad_f32(x, s, m, logl, delta, d, n);
 }
 template <>
-float weights_dot<float>(const float* x, float s, float lse, const float* d, float* w_out,
-                         int64_t n) {
-  return weights_dot_f32(x, s, lse, d, w_out, n);
+float weights_dot<float>(const float* x, float s, float m, float logl, const float* d,
+                         float* w_out, int64_t n) {
+  return weights_dot_f32(x, s, m, logl, d, w_out, n);
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) {
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   });
 
   // Merge the chunks of each row in chunk order: R = sum_j exp(m_j - m) O_j / L.
-  at::Tensor lse = at::empty({B, K}, opts);
+  at::Tensor lse = at::empty({B, K, 2}, opts);  // (max, log sum) per row
   at::Tensor factor = at::empty({B, T, K}, opts);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
   acc_t* factor_ptr = factor.data_ptr<acc_t>();
@@ -222,7 +223,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
     for (int64_t k = 0; k < K; ++k) {
       SoftmaxStats<acc_t> total = stats[(b * T) * K + k];
       for (int64_t j = 1; j < T; ++j) total = merge(total, stats[(b * T + j) * K + k]);
-      lse_ptr[b * K + k] = log_sum_exp(total);
+      lse_ptr[(b * K + k) * 2] = total.max;
+      lse_ptr[(b * K + k) * 2 + 1] = log_sum(total);
       for (int64_t j = 0; j < T; ++j)
         factor_ptr[(b * T + j) * K + k] =
             rescale(stats[(b * T + j) * K + k].max, total.max) / total.sum;
@@ -289,8 +291,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
         cpu::gemm_nn<acc_t>(K, C, nb, drt_ptr + b * K * C, C, Ft, N, D, N);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t row = b * K + k;
-          dp_ptr[task * K + k] += weights_dot(p_ptr + row * N + n0, s, lse_ptr[row],
-                                              D + k * N, Wt.data() + k * kTileN, nb);
+          dp_ptr[task * K + k] +=
+              weights_dot(p_ptr + row * N + n0, s, lse_ptr[2 * row], lse_ptr[2 * row + 1],
+                          D + k * N, Wt.data() + k * kTileN, nb);
         }
         // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
         cpu::gemm_nn<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt.data(), kTileN,
@@ -304,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
       const int64_t b = row / K, k = row % K;
       acc_t delta = 0;
       for (int64_t j = 0; j < T; ++j) delta += dp_ptr[(b * T + j) * K + k];
-      softmax_grad(p_ptr + row * N, s, lse_ptr[row], delta, gp_ptr + row * N, N);
+      softmax_grad(p_ptr + row * N, s, lse_ptr[2 * row], lse_ptr[2 * row + 1], delta,
+                   gp_ptr + row * N, N);
     }
   });
 

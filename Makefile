@@ -1,0 +1,38 @@
+# The two front-door commands:
+#   make demo   set up .venv (torch CPU, the package, the C++ extension built in place), run the main job
+#   make test   same set-up, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0; on a GPU machine pick the matching CUDA build, e.g. TORCH_SPEC="torch==2.14.1".
+TORCH_SPEC ?= torch==2.13.0
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.extension-built
+SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+
+.PHONY: setup demo test bench clean
+
+setup: $(BUILT)
+
+$(DEPS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pytest ninja setuptools wheel
+	OCRKERNELS_SKIP_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental in-place build of ocrkernels._C (ninja reuses objects under build/).
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+demo: $(BUILT)
+	$(PY) bench/run.py
+
+bench: $(BUILT)
+	$(PY) bench/run.py --json bench/results.json
+
+test: $(BUILT)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build ocrkernels/_C*.so $(BUILT)

@@ -1,0 +1,520 @@
+"""Benchmark the ocrkernels ops against eager PyTorch and torch.compile.
+
+What is measured, for every op in ``OPS``, every selected shape, every mode and every
+implementation (each backend that ``ocrkernels.available_backends(device)`` lists, plus
+``compiled`` = ``torch.compile(<plain-PyTorch reference>, dynamic=False)``):
+
+* ``median_ms``: median wall time of one call over ``--repeat`` timed rounds, after
+  ``--warmup`` warm-up rounds (plus one untimed first call, which is where torch.compile
+  compiles). In each round every implementation runs once, in a rotating order, so that the
+  noise of a busy machine hits all of them alike; every ratio is computed from medians of the
+  same run. On CUDA each call is bracketed by ``torch.cuda.synchronize()``.
+    - mode ``fwd``: the forward on inputs that do not require grad.
+    - mode ``fwd+bwd``: the forward on leaf inputs that require grad, then
+      ``torch.autograd.grad`` of the output w.r.t. all inputs with a fixed random grad_output
+      (never ``.backward()``, so no ``.grad`` accumulation is timed).
+* ``speedup_vs_eager`` / ``speedup_vs_compiled``: median of the eager ``reference`` backend /
+  median of the compiled reference, divided by this row's median (> 1 means faster).
+* ``saved_bytes``: bytes that the autograd graph keeps for the backward beyond the inputs,
+  counted with ``torch.autograd.graph.saved_tensors_hooks`` during one forward on inputs that
+  require grad: each saved tensor's storage is counted once, storages of the inputs are not
+  counted. It is a property of the forward graph, so both modes report the same value.
+* ``gflops``: the op's useful FLOP count (see each op's ``*_flops`` function) / median time.
+* accuracy: once per shape, before the timing, each implementation's output and input
+  gradients are compared with the reference evaluated in float64 (max abs error / max abs
+  value); a WARNING is printed when that exceeds the dtype's tolerance.
+
+Run from the repository root (with the package importable)::
+
+    python bench/run.py                       # cityscapes + ade20k shapes, cpu, float32
+    python bench/run.py --quick               # small shapes, few repeats: a smoke test
+    python bench/run.py --device cuda --shapes ade20k --modes fwd --json results.json
+
+The Markdown table goes to stdout, progress and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import ocrkernels
+
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "float16": torch.float16, "bfloat16": torch.bfloat16}
+# max |impl - float64 reference| / max |float64 reference| above which a WARNING is printed
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9,
+             torch.float16: 1e-2, torch.bfloat16: 5e-2}
+EAGER = "reference"  # the backend every "vs eager" ratio refers to; always measured
+COMPILED = "compiled"
+QUICK_REPEAT, QUICK_WARMUP = 5, 1
+JSON_KEYS = ("op", "impl", "shape", "mode", "median_ms", "speedup_vs_eager",
+             "speedup_vs_compiled", "saved_bytes", "gflops")
+
+
+# --------------------------------------------------------------------------------------------
+# The op registry: one OpSpec per op. A new op needs its inputs, its plain-PyTorch reference,
+# how a backend is called, its FLOP count and its shapes.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    reference: Callable[..., Tensor]  # plain PyTorch; what torch.compile gets
+    call_backend: Callable[[str], Callable[..., Tensor]]  # backend name -> fn(*inputs)
+    make_inputs: Callable[[dict], tuple[Tensor, ...]]  # float32 CPU tensors, all differentiable
+    fwd_flops: Callable[[dict], int]
+    fwd_bwd_flops: Callable[[dict], int]
+    describe: Callable[[dict], str]
+    shapes: dict[str, dict]
+    quick_shapes: dict[str, dict]  # same names as `shapes`, small sizes
+
+
+def _spatial_gather_inputs(s: dict) -> tuple[Tensor, Tensor]:
+    probs = 3.0 * torch.randn(s["B"], s["K"], s["H"], s["W"])  # logits; x3: softmax not flat
+    feats = torch.randn(s["B"], s["C"], s["H"], s["W"])
+    return probs, feats
+
+
+def _spatial_gather_flops(s: dict) -> int:
+    # The forward is one batched matmul (B, K, N) x (B, N, C): 2*B*C*K*N FLOPs. The softmax
+    # over N is not counted.
+    return 2 * s["B"] * s["C"] * s["K"] * s["H"] * s["W"]
+
+
+def _spatial_gather_fwd_bwd_flops(s: dict) -> int:
+    # The backward adds two matmuls of the same size (grad of the softmax weights
+    # grad_out x feats^T, and grad of the feats weights^T x grad_out): 3x the forward.
+    return 3 * _spatial_gather_flops(s)
+
+
+def _spatial_gather_backend(backend: str) -> Callable[..., Tensor]:
+    return lambda probs, feats: ocrkernels.spatial_gather(probs, feats, backend=backend)
+
+
+def _describe_bckn(s: dict) -> str:
+    return f"B={s['B']} C={s['C']} K={s['K']} N={s['H']}x{s['W']}"
+
+
+OPS: dict[str, OpSpec] = {
+    "spatial_gather": OpSpec(
+        name="spatial_gather",
+        reference=ocrkernels.reference.spatial_gather,
+        call_backend=_spatial_gather_backend,
+        make_inputs=_spatial_gather_inputs,
+        fwd_flops=_spatial_gather_flops,
+        fwd_bwd_flops=_spatial_gather_fwd_bwd_flops,
+        describe=_describe_bckn,
+        shapes={"cityscapes": dict(B=1, C=512, K=19, H=128, W=256),
+                "ade20k": dict(B=1, C=512, K=150, H=128, W=128)},
+        quick_shapes={"cityscapes": dict(B=2, C=64, K=19, H=32, W=48),
+                      "ade20k": dict(B=1, C=64, K=150, H=24, W=40)},
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Impl:
+    name: str
+    fn: Callable[..., Tensor]
+    may_fail: bool = False  # torch.compile: a failure drops the row instead of the run
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def requires_grad_copies(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Leaf tensors sharing the inputs' storage, with requires_grad set."""
+    return tuple(t.detach().requires_grad_() for t in inputs)
+
+
+def forward_with_saved_bytes(fn: Callable[..., Tensor],
+                             leaves: tuple[Tensor, ...]) -> tuple[Tensor, int]:
+    """Run fn(*leaves) and count the bytes autograd saves for the backward beyond the inputs."""
+    input_storages = {t.untyped_storage().data_ptr() for t in leaves}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in input_storages:
+            saved[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*leaves)
+    return out, sum(saved.values())
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected|, computed in float64."""
+    expected = expected.double()
+    scale = expected.abs().max().item() or 1.0
+    return (actual.double() - expected).abs().max().item() / scale
+
+
+def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor,
+          expected: tuple[Tensor, ...]) -> tuple[int, float, float]:
+    """One forward+backward: (saved_bytes, output rel. error, worst input-grad rel. error)."""
+    leaves = requires_grad_copies(inputs)
+    out, saved_bytes = forward_with_saved_bytes(fn, leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    out_err = relative_error(out.detach(), expected[0])
+    grad_err = max(relative_error(g, e) for g, e in zip(grads, expected[1:]))
+    return saved_bytes, out_err, grad_err
+
+
+def float64_expected(op: OpSpec, inputs: tuple[Tensor, ...],
+                     grad_out: Tensor) -> tuple[Tensor, ...]:
+    """(output, *input grads) of the reference evaluated in float64."""
+    leaves = tuple(t.detach().double().requires_grad_() for t in inputs)
+    out = op.reference(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.double())
+    return (out.detach(), *grads)
+
+
+def make_step(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor,
+              mode: str) -> Callable[[], object]:
+    """The thunk that is timed for `mode`."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    leaves = requires_grad_copies(inputs)
+
+    def fwd_bwd():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    return fwd_bwd
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, repeat: int,
+                     sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds per step; every round runs each step once, in a rotating order."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    sync()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeat):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                sync()
+                start = time.perf_counter()
+                steps[name]()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def first_calls(impls: list[Impl], steps: dict[str, Callable[[], object]], what: str,
+                sync: Callable[[], None]) -> list[Impl]:
+    """Run each step once (this is where torch.compile compiles); drop failing optional impls."""
+    kept = []
+    for impl in impls:
+        try:
+            steps[impl.name]()
+            sync()
+        except Exception as exc:  # noqa: BLE001 - torch.compile can fail in many ways
+            if not impl.may_fail:
+                raise
+            log(f"WARNING: {impl.name} failed for {what}, row skipped: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        kept.append(impl)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# One op on one shape
+# --------------------------------------------------------------------------------------------
+
+def select_impls(op: OpSpec, device: torch.device, backends: list[str] | None,
+                 compile_: bool) -> list[Impl]:
+    available = ocrkernels.available_backends(device)
+    wanted = available if backends is None else [b for b in backends if b in available]
+    for b in (backends or []):
+        if b not in available:
+            log(f"WARNING: backend {b!r} is not available on {device}, skipped")
+    if EAGER not in wanted:
+        wanted = [*wanted, EAGER]  # the baseline of every "vs eager" ratio
+    impls = [Impl(b, op.call_backend(b)) for b in wanted]
+    if compile_:
+        try:
+            compiled = torch.compile(op.reference, dynamic=False)
+            impls.append(Impl(COMPILED, compiled, may_fail=True))
+        except Exception as exc:  # noqa: BLE001
+            log(f"WARNING: torch.compile unavailable, no compiled rows: {type(exc).__name__}: "
+                f"{exc}")
+    return impls
+
+
+def check_impls(op: OpSpec, shape_str: str, impls: list[Impl], inputs: tuple[Tensor, ...],
+                grad_out: Tensor, notes: list[str]) -> tuple[list[Impl], dict[str, int]]:
+    """Accuracy note and saved bytes of each impl; drops optional impls that fail."""
+    expected = float64_expected(op, inputs, grad_out)
+    kept, saved = [], {}
+    for impl in impls:
+        log(f"[{op.name} {shape_str}] check + saved bytes: {impl.name}")
+        try:
+            saved[impl.name], out_err, grad_err = probe(impl.fn, inputs, grad_out, expected)
+        except Exception as exc:  # noqa: BLE001
+            if not impl.may_fail:
+                raise
+            log(f"WARNING: {impl.name} failed on {shape_str}, rows skipped: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        kept.append(impl)
+        notes.append(accuracy_note(op.name, shape_str, impl.name, out_err, grad_err,
+                                   inputs[0].dtype))
+    return kept, saved
+
+
+def bench_shape(op: OpSpec, shape: dict, impls: list[Impl], args: argparse.Namespace,
+                device: torch.device, dtype: torch.dtype, notes: list[str]) -> list[dict]:
+    """All rows of one op on one shape: check, count saved bytes, then time every mode."""
+    sync = make_sync(device)
+    shape_str = op.describe(shape)
+    torch.manual_seed(0)
+    inputs = tuple(t.to(device=device, dtype=dtype) for t in op.make_inputs(shape))
+    with torch.no_grad():
+        out_shape = op.reference(*inputs).shape
+    grad_out = torch.randn(out_shape).to(device=device, dtype=dtype)
+    impls, saved = check_impls(op, shape_str, impls, inputs, grad_out, notes)
+
+    rows = []
+    for mode in args.modes:
+        steps = {i.name: make_step(i.fn, inputs, grad_out, mode) for i in impls}
+        what = f"{op.name} {shape_str} {mode}"
+        mode_impls = first_calls(impls, steps, what, sync)
+        log(f"[{what}] timing {', '.join(i.name for i in mode_impls)}: "
+            f"{args.warmup} warm-up + {args.repeat} rounds")
+        medians = time_interleaved({i.name: steps[i.name] for i in mode_impls},
+                                   args.warmup, args.repeat, sync)
+        flops = op.fwd_flops(shape) if mode == "fwd" else op.fwd_bwd_flops(shape)
+        rows += make_rows(op.name, shape_str, mode, medians, saved, flops, device)
+    return rows
+
+
+def accuracy_note(op: str, shape: str, impl: str, out_err: float, grad_err: float,
+                  dtype: torch.dtype) -> str:
+    worst = max(out_err, grad_err)
+    note = (f"{op} {shape} {impl}: max rel. error vs float64 reference: output {out_err:.2e}, "
+            f"input grads {grad_err:.2e}")
+    if worst > TOLERANCE[dtype]:
+        warning = (f"WARNING: {impl} exceeds the {dtype} tolerance {TOLERANCE[dtype]:g} on "
+                   f"{op} {shape} ({worst:.2e})")
+        log("!" * 80 + "\n" + warning + "\n" + "!" * 80)
+        note = f"**{warning}** -- {note}"
+    return note
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def make_rows(op: str, shape: str, mode: str, medians: dict[str, float],
+              saved: dict[str, int], flops: int, device: torch.device) -> list[dict]:
+    eager, compiled = medians.get(EAGER), medians.get(COMPILED)
+    return [{
+        "op": op, "impl": name, "shape": shape, "mode": mode,
+        "median_ms": seconds * 1e3,
+        "speedup_vs_eager": ratio(eager, seconds),
+        "speedup_vs_compiled": ratio(compiled, seconds),
+        "saved_bytes": saved[name],
+        "gflops": flops / seconds / 1e9,
+        "saved_bytes_vs_eager": ratio(saved[name], saved.get(EAGER)),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    } for name, seconds in medians.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"{device} ({model or platform.processor() or 'unknown CPU'})"
+
+
+def header(args: argparse.Namespace, device: torch.device, started: datetime.datetime,
+           notes: list[str]) -> str:
+    lines = [
+        "## ocrkernels benchmark",
+        "",
+        f"- torch: {torch.__version__}, ocrkernels {ocrkernels.__version__}",
+        f"- device: {device_description(device)}",
+        f"- threads: {torch.get_num_threads()} (torch.get_num_threads()); "
+        f"logical CPUs: {os.cpu_count()}",
+        f"- dtype: {args.dtype}",
+        f"- date: {started.isoformat(timespec='seconds')} (start of the run)",
+        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
+        f"- timing: median of {args.repeat} interleaved round(s) after {args.warmup} warm-up "
+        f"round(s); saved MB = bytes saved for backward beyond the inputs / 1e6",
+        "",
+        "Accuracy (checked once per shape before timing):",
+        "",
+        *[f"- {n}" for n in notes],
+    ]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["op", "impl", "shape", "mode", "median ms", "vs eager", "vs compiled",
+            "saved MB", "saved vs eager", "GFLOP/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        cells = [r["op"], r["impl"], r["shape"], r["mode"], fmt(r["median_ms"], ".3f"),
+                 fmt(r["speedup_vs_eager"], ".2f", "x"), fmt(r["speedup_vs_compiled"], ".2f", "x"),
+                 fmt(r["saved_bytes"] / 1e6, ".3g"), fmt(r["saved_bytes_vs_eager"], ".3g", "x"),
+                 fmt(r["gflops"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "w") as f:
+            json.dump(rows, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def comma_list(choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {', '.join(choices or ())}, got {text!r}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    shape_names = tuple(sorted({n for op in OPS.values() for n in op.shapes}))
+    backend_names = tuple(b for b in ocrkernels.BACKENDS if b != "auto")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--ops", type=comma_list(tuple(OPS)), default=list(OPS),
+                   help=f"comma list of ops (default: all: {','.join(OPS)})")
+    p.add_argument("--shapes", type=comma_list(shape_names), default=None,
+                   help=f"comma list of shapes among {','.join(shape_names)} (default: all)")
+    p.add_argument("--backends", type=comma_list(backend_names), default=None,
+                   help="comma list of backends (default: every available one; the eager "
+                        "reference is always measured as the baseline)")
+    p.add_argument("--modes", type=comma_list(MODES), default=list(MODES),
+                   help="comma list among fwd,fwd+bwd (default: both)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile baseline")
+    p.add_argument("--repeat", type=int, default=None,
+                   help=f"timed rounds (default: 15, {QUICK_REPEAT} with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up rounds (default: 3, {QUICK_WARMUP} with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads before measuring (default: torch's default)")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    args = p.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = QUICK_REPEAT if args.quick else 15
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else 3
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = datetime.datetime.now().astimezone()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    notes: list[str] = []
+    for op in (OPS[name] for name in args.ops):
+        impls = select_impls(op, device, args.backends, args.compile)
+        shapes = op.quick_shapes if args.quick else op.shapes
+        for shape_name in (args.shapes or list(shapes)):
+            if shape_name not in shapes:
+                log(f"WARNING: op {op.name} has no shape {shape_name!r}, skipped")
+                continue
+            rows += bench_shape(op, shapes[shape_name], impls, args, device, dtype, notes)
+    print(header(args, device, started, notes))
+    print()
+    print(markdown_table(rows))
+    if args.json:
+        write_json_atomic(args.json, rows)
+        log(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The benchmark harness runs and writes the documented JSON (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import ocrkernels
+from conftest import REPO
+
+KEYS = {"op", "impl", "shape", "mode", "median_ms", "speedup_vs_eager", "speedup_vs_compiled",
+        "saved_bytes", "gflops"}
+
+
+@pytest.mark.skipif(not ocrkernels.ops.extension_loaded(), reason="ocrkernels._C is not built")
+def test_quick_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-compile", "--repeat", "2",
+         "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| op | impl |" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert rows and all(KEYS <= set(r) for r in rows)
+    impls = {(r["impl"], r["mode"]) for r in rows}
+    assert {("cpu", "fwd"), ("cpu", "fwd+bwd"), ("reference", "fwd")} <= impls
+    for r in rows:
+        assert r["median_ms"] > 0
+        if r["impl"] == "cpu":
+            # the fused op keeps only (B, K, 2) statistics: far below the reference's K x N map
+            ref = next(x for x in rows if x["impl"] == "reference" and x["shape"] == r["shape"])
+            assert r["saved_bytes"] <= 0.01 * ref["saved_bytes"]
