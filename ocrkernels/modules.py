@@ -34,6 +34,14 @@ def _backend(fused: bool) -> str:
     return "auto" if fused else "reference"
 
 
+def fold_conv_bn(cbr: ConvBNReLU, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(weight (out, in), bias (out)) of a 1x1 conv followed by BatchNorm in eval mode."""
+    bn = cbr.bn
+    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    weight = cbr.conv.weight.to(dtype).flatten(1) * scale[:, None]
+    return weight, bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
+
+
 class SpatialGather(nn.Module):
     """(feats (B, C, H, W), probs (B, K, H, W)) -> (B, C, K, 1) region vectors.
 
@@ -58,12 +66,16 @@ class ObjectAttention(nn.Module):
     Args:
         in_channels: C, the pixel-feature channels.
         channels: D, the key/query/value channels.
+        fused: in eval mode without autograd, run the fused per-pixel kernel (BatchNorm folded,
+            out_project applied to the K values, the concat never built). Training and
+            gradient-enabled calls run the reference.
     """
 
-    def __init__(self, in_channels: int, channels: int):
+    def __init__(self, in_channels: int, channels: int, fused: bool = True):
         super().__init__()
         self.in_channels = in_channels
         self.channels = channels
+        self.fused = fused
         self.query_project = nn.Sequential(ConvBNReLU(in_channels, channels),
                                            ConvBNReLU(channels, channels))
         self.key_project = nn.Sequential(ConvBNReLU(in_channels, channels),
@@ -81,9 +93,30 @@ class ObjectAttention(nn.Module):
             raise ValueError(f"ObjectAttention: regions must have shape (B, C, K, 1) = "
                              f"({feats.shape[0]}, {self.in_channels}, K, 1), got "
                              f"{tuple(regions.shape)}")
+        if (self.fused and not self.training and not torch.is_grad_enabled()
+                and ops.resolve_backend("auto", feats.device) == "cpu"):
+            return self._fused_eval(feats, regions)
         return reference.object_attention(feats, regions, self.query_project, self.key_project,
                                           self.value_project, self.out_project, self.bottleneck,
                                           self.channels)
+
+    def _fused_eval(self, feats: Tensor, regions: Tensor) -> Tensor:
+        """The per-pixel chain in one kernel; the K-column projections stay in PyTorch."""
+        dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        C = self.in_channels
+        key = self.key_project(regions).flatten(2).to(dtype)  # B, D, K
+        value = self.value_project(regions).flatten(2).to(dtype)  # B, D, K
+        keys = (key.transpose(1, 2) * self.channels ** -0.5).contiguous()  # B, K, D
+        w_out, b_out = fold_conv_bn(self.out_project, dtype)
+        # Exact before the ReLU: out_project(A . value) = A . (W value) + b, as sum_k A_k = 1.
+        values = torch.matmul(w_out, value) + b_out[:, None]  # B, C, K
+        wq1, bq1 = fold_conv_bn(self.query_project[0], dtype)
+        wq2, bq2 = fold_conv_bn(self.query_project[1], dtype)
+        wb, bb = fold_conv_bn(self.bottleneck, dtype)
+        out = torch.ops.ocrkernels.object_attention_eval(
+            feats.to(dtype), wq1, bq1, wq2, bq2, keys, values,
+            wb[:, :C].contiguous(), wb[:, C:].contiguous(), bb)
+        return out.to(feats.dtype)
 
 
 class OCRHead(nn.Module):
@@ -108,7 +141,7 @@ class OCRHead(nn.Module):
         self.num_classes = num_classes
         self.bottleneck = ConvBNReLU(in_channels, channels, 3, padding=1)
         self.spatial_gather_module = SpatialGather(scale, fused)
-        self.object_context_block = ObjectAttention(channels, ocr_channels)
+        self.object_context_block = ObjectAttention(channels, ocr_channels, fused)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.fused = fused
@@ -121,6 +154,7 @@ class OCRHead(nn.Module):
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
         self.spatial_gather_module.fused = self._fused
+        self.object_context_block.fused = self._fused
 
     def forward(self, feats: Tensor, coarse_logits: Tensor) -> Tensor:
         """(B, in_channels, H, W) features and (B, K, H, W) coarse logits -> (B, K, H, W)."""
@@ -144,6 +178,3 @@ class OCRHead(nn.Module):
     def extra_repr(self) -> str:
         return f"fused={self.fused}"
 
-
-def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -176,6 +176,12 @@ def _register_fakes() -> None:
         return (probs.new_empty(probs.shape),
                 feats.new_empty(feats.shape))
 
+    @torch.library.register_fake("ocrkernels::object_attention_eval")
+    def _(feats, query_w1, query_b1, query_w2, query_b2, keys, values, out_w_context,
+          out_w_feats, out_b):
+        torch._check(feats.dim() == 4, lambda: "object_attention_eval: feats must be (B, C, H, W)")
+        return feats.new_empty(feats.shape)
+
 
 _KERNEL_KEYS = _kernel_keys()
 if extension_loaded():

@@ -3,8 +3,10 @@
 // class count K (19 for Cityscapes) and the calls are per 256-pixel tile inside a fused loop,
 // where the tile's operands already sit in L1/L2.
 //
-//   gemm_nn: Out[i, n]  = sum_j A[i, j] * Bm[j, n]    (i < M, j < J, n < nb; overwrites Out)
-//   gemm_nt: Out[i, j] += sum_n A[i, n] * Bm[j, n]    (i < M, j < J, n < nb; accumulates)
+//   gemm_nn: Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
+//   gemm_nt: Out[i, j] += sum_n A[i, n] * Bm[j, n]      (i < M, j < J, n < nb; accumulates)
+// gemm_nn's epilogue `ep` optionally starts from the old Out (accumulate), adds a per-row bias
+// and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +32,45 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// Element-wise loops are written once as an always-inlined body and compiled twice, for
+// AVX2+FMA and for the baseline ISA, picked at run time (no -march at build time, so the
+// extension runs on any x86-64): OCR_DISPATCH(ret, name, (params), (args)) defines `name` from
+// `name##_body`.
+#if OCR_HAVE_AVX2_PATH
+#define OCR_DISPATCH(ret, name, params, args)                                       \
+  OCR_AVX2 ret name##_avx2 params { return name##_body args; }                     \
+  ret name##_base params { return name##_body args; }                              \
+  ret name params { return ::ocrkernels::cpu::cpu_has_avx2() ? name##_avx2 args : name##_base args; }
+#else
+#define OCR_DISPATCH(ret, name, params, args) \
+  ret name params { return name##_body args; }
+#endif
+#define OCR_LOOP_BODY inline __attribute__((always_inline))
+
+template <typename T>
+struct Epilogue {
+  const T* bias = nullptr;  // per output row, or none
+  bool relu = false;
+  bool accumulate = false;  // add to Out instead of overwriting it
+};
+
 template <typename T>
 void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
-                     int64_t ldb, T* Out, int64_t ldo) {
+                     int64_t ldb, T* Out, int64_t ldo, Epilogue<T> ep = {}) {
   for (int64_t i = 0; i < M; ++i) {
     T* o = Out + i * ldo;
-    for (int64_t n = 0; n < nb; ++n) o[n] = 0;
+    if (!ep.accumulate)
+      for (int64_t n = 0; n < nb; ++n) o[n] = 0;
     for (int64_t j = 0; j < J; ++j) {
       const T a = A[i * lda + j];
       const T* b = Bm + j * ldb;
 #pragma omp simd
       for (int64_t n = 0; n < nb; ++n) o[n] += a * b[n];
+    }
+    const T bias = ep.bias ? ep.bias[i] : T(0);
+    for (int64_t n = 0; n < nb; ++n) {
+      T v = o[n] + bias;
+      o[n] = ep.relu && v < T(0) ? T(0) : v;
     }
   }
 }
@@ -72,10 +102,18 @@ OCR_AVX2 inline float hsum256(__m256 v) {
 // MT rows of Out, 16 columns [n, n+16): 2*MT accumulators live in registers over all of J.
 template <int MT>
 OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const float* Bm,
-                               int64_t ldb, float* Out, int64_t ldo) {
+                               int64_t ldb, float* Out, int64_t ldo, const Epilogue<float>& ep) {
   __m256 acc[MT][2];
+  if (ep.accumulate) {
 #pragma GCC unroll 8
-  for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < MT; ++r) {
+      acc[r][0] = _mm256_loadu_ps(Out + r * ldo);
+      acc[r][1] = _mm256_loadu_ps(Out + r * ldo + 8);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  }
   for (int64_t j = 0; j < J; ++j) {
     const __m256 b0 = _mm256_loadu_ps(Bm + j * ldb);
     const __m256 b1 = _mm256_loadu_ps(Bm + j * ldb + 8);
@@ -84,6 +122,22 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
       const __m256 a = _mm256_broadcast_ss(A + r * lda + j);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  if (ep.bias) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const __m256 b = _mm256_broadcast_ss(ep.bias + r);
+      acc[r][0] = _mm256_add_ps(acc[r][0], b);
+      acc[r][1] = _mm256_add_ps(acc[r][1], b);
+    }
+  }
+  if (ep.relu) {
+    const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      acc[r][0] = _mm256_max_ps(acc[r][0], zero);
+      acc[r][1] = _mm256_max_ps(acc[r][1], zero);
     }
   }
 #pragma GCC unroll 8
@@ -97,7 +151,8 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
 // the strip's J rows in consecutive cache lines: read in place they sit N floats apart, a
 // power-of-two stride that maps them all onto a few cache sets.
 OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                                  const Epilogue<float>& ep) {
   thread_local std::vector<float> strip;
   if (static_cast<int64_t>(strip.size()) < J * 16) strip.resize(J * 16);
   float* Bp = strip.data();
@@ -108,11 +163,19 @@ OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float*
       _mm256_storeu_ps(Bp + j * 16 + 8, _mm256_loadu_ps(Bm + j * ldb + n + 8));
     }
     int64_t i = 0;
-    for (; i + 6 <= M; i += 6) nn_tile16<6>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo);
-    for (; i < M; ++i) nn_tile16<1>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo);
+    for (; i + 6 <= M; i += 6) {
+      Epilogue<float> epi = ep;
+      if (ep.bias) epi.bias = ep.bias + i;
+      nn_tile16<6>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo, epi);
+    }
+    for (; i < M; ++i) {
+      Epilogue<float> epi = ep;
+      if (ep.bias) epi.bias = ep.bias + i;
+      nn_tile16<1>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo, epi);
+    }
   }
   if (n < nb)  // column tail
-    gemm_nn_generic(M, J, nb - n, A, lda, Bm + n, ldb, Out + n, ldo);
+    gemm_nn_generic(M, J, nb - n, A, lda, Bm + n, ldb, Out + n, ldo, ep);
 }
 
 // MT x JT block of Out: MT * JT accumulators of 8 lanes each, reduced once at the end.
@@ -164,8 +227,8 @@ OCR_AVX2 inline void gemm_nt_avx2(int64_t M, int64_t J, int64_t nb, const float*
 
 template <typename T>
 inline void gemm_nn(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
-                    int64_t ldb, T* Out, int64_t ldo) {
-  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+                    int64_t ldb, T* Out, int64_t ldo, Epilogue<T> ep = {}) {
+  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo, ep);
 }
 
 template <typename T>
@@ -177,9 +240,10 @@ inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, c
 #if OCR_HAVE_AVX2_PATH
 template <>
 inline void gemm_nn<float>(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                           const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
-  if (cpu_has_avx2()) return gemm_nn_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo);
-  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+                           const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                           Epilogue<float> ep) {
+  if (cpu_has_avx2()) return gemm_nn_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo, ep);
+  gemm_nn_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo, ep);
 }
 
 template <>

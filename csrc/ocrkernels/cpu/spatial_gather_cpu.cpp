@@ -35,19 +35,8 @@
 namespace ocrkernels {
 namespace {
 
-// The exp loops are the only element-wise work of any weight. Each is compiled twice, for
-// AVX2+FMA and for the baseline ISA, and picked at run time (no -march flag at build time, so
-// the extension runs on any x86-64). OCR_LOOP_BODY functions are always inlined into both.
-#if OCR_HAVE_AVX2_PATH
-#define OCR_DISPATCH(ret, name, params, args)                                       \
-  OCR_AVX2 ret name##_avx2 params { return name##_body args; }                     \
-  ret name##_base params { return name##_body args; }                              \
-  ret name params { return cpu::cpu_has_avx2() ? name##_avx2 args : name##_base args; }
-#else
-#define OCR_DISPATCH(ret, name, params, args) \
-  ret name params { return name##_body args; }
-#endif
-#define OCR_LOOP_BODY inline __attribute__((always_inline))
+// The exp loops are the only element-wise work of any weight; each is compiled for AVX2+FMA
+// and for the baseline ISA (OCR_DISPATCH, gemm_kernels.h).
 
 // max_i s * x[i]
 OCR_LOOP_BODY float scaled_max_f32_body(const float* x, float s, int64_t n) {

@@ -1,0 +1,181 @@
+// Eval-mode pixel-region attention on the CPU, one pass over pixel tiles.
+//
+// For each tile of kTile pixels of one image, with X the tile's features (C x nt):
+//   Q1  = relu(Wq1 X + bq1)                (D x nt)
+//   Q2  = relu(Wq2 Q1 + bq2)               (D x nt)
+//   A   = softmax over K of (keys Q2)      (K x nt), keys already scaled by D^-0.5
+//   Ctx = relu(values A)                   (C x nt), out_project folded onto the K values
+//   Out = relu(Wctx Ctx + Wx X + b)        (C x nt), the concat conv split in two
+// Every intermediate lives in per-thread tile buffers; only Out is written to memory. Tiles are
+// independent, so the result does not depend on the thread count. BN-folded weights come from
+// Python (ocrkernels/modules.py); bias and ReLU run in the GEMM epilogues.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/online_softmax.h"
+#include "gemm_kernels.h"
+
+namespace ocrkernels {
+namespace {
+
+constexpr int64_t kTile = 64;
+
+// Softmax down each column of S (K x nt, row stride ld): the attention of every pixel.
+template <typename T>
+OCR_LOOP_BODY void column_softmax_body(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax,
+                                       T* colsum) {
+  for (int64_t n = 0; n < nt; ++n) colmax[n] = S[n];
+  for (int64_t k = 1; k < K; ++k) {
+    const T* row = S + k * ld;
+#pragma omp simd
+    for (int64_t n = 0; n < nt; ++n) colmax[n] = row[n] > colmax[n] ? row[n] : colmax[n];
+  }
+  for (int64_t n = 0; n < nt; ++n) colsum[n] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    T* row = S + k * ld;
+#pragma omp simd
+    for (int64_t n = 0; n < nt; ++n) {
+      row[n] = exp_acc(row[n] - colmax[n]);
+      colsum[n] += row[n];
+    }
+  }
+  for (int64_t n = 0; n < nt; ++n) colsum[n] = T(1) / colsum[n];
+  for (int64_t k = 0; k < K; ++k) {
+    T* row = S + k * ld;
+#pragma omp simd
+    for (int64_t n = 0; n < nt; ++n) row[n] *= colsum[n];
+  }
+}
+OCR_LOOP_BODY void column_softmax_f32_body(float* S, int64_t K, int64_t nt, int64_t ld,
+                                           float* colmax, float* colsum) {
+  column_softmax_body<float>(S, K, nt, ld, colmax, colsum);
+}
+OCR_DISPATCH(void, column_softmax_f32,
+             (float* S, int64_t K, int64_t nt, int64_t ld, float* colmax, float* colsum),
+             (S, K, nt, ld, colmax, colsum))
+
+template <typename T>
+void column_softmax(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax, T* colsum) {
+  column_softmax_body<T>(S, K, nt, ld, colmax, colsum);
+}
+template <>
+void column_softmax<float>(float* S, int64_t K, int64_t nt, int64_t ld, float* colmax,
+                           float* colsum) {
+  column_softmax_f32(S, K, nt, ld, colmax, colsum);
+}
+
+void check_args(const at::Tensor& feats, const at::Tensor& qw1, const at::Tensor& qb1,
+                const at::Tensor& qw2, const at::Tensor& qb2, const at::Tensor& keys,
+                const at::Tensor& values, const at::Tensor& wctx, const at::Tensor& wx,
+                const at::Tensor& bout) {
+  TORCH_CHECK(feats.dim() == 4, "object_attention_eval: feats must have shape (B, C, H, W), got ",
+              feats.sizes());
+  const int64_t B = feats.size(0), C = feats.size(1);
+  TORCH_CHECK(B > 0 && C > 0 && feats.size(2) * feats.size(3) > 0,
+              "object_attention_eval: feats must be non-empty, got ", feats.sizes());
+  TORCH_CHECK(qw1.dim() == 2 && qw1.size(1) == C && qw1.size(0) > 0,
+              "object_attention_eval: query_w1 must have shape (D, C=", C, "), got ", qw1.sizes());
+  const int64_t D = qw1.size(0);
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == B && keys.size(2) == D && keys.size(1) > 0,
+              "object_attention_eval: keys must have shape (B=", B, ", K, D=", D, "), got ",
+              keys.sizes());
+  const int64_t K = keys.size(1);
+  auto expect = [](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "object_attention_eval: ", name, " must have shape ", shape,
+                ", got ", t.sizes());
+  };
+  expect(qb1, {D}, "query_b1");
+  expect(qw2, {D, D}, "query_w2");
+  expect(qb2, {D}, "query_b2");
+  expect(values, {B, C, K}, "values");
+  expect(wctx, {C, C}, "out_w_context");
+  expect(wx, {C, C}, "out_w_feats");
+  expect(bout, {C}, "out_b");
+  for (const at::Tensor* t : {&qw1, &qb1, &qw2, &qb2, &keys, &values, &wctx, &wx, &bout}) {
+    TORCH_CHECK(t->scalar_type() == feats.scalar_type(),
+                "object_attention_eval: every argument must have the dtype of feats (",
+                feats.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == feats.device(),
+                "object_attention_eval: every argument must be on the device of feats (",
+                feats.device(), "), got ", t->device());
+  }
+  auto dt = feats.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "object_attention_eval: dtype must be float32, float64, float16 or bfloat16, got ",
+              dt);
+}
+
+template <typename T>
+at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
+                        const at::Tensor& qb1_in, const at::Tensor& qw2_in,
+                        const at::Tensor& qb2_in, const at::Tensor& keys_in,
+                        const at::Tensor& values_in, const at::Tensor& wctx_in,
+                        const at::Tensor& wx_in, const at::Tensor& bout_in) {
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  auto prep = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3);
+  const int64_t N = H * W, D = qw1_in.size(0), K = keys_in.size(1);
+  at::Tensor X = prep(feats.reshape({B, C, N}));
+  at::Tensor qw1 = prep(qw1_in), qb1 = prep(qb1_in), qw2 = prep(qw2_in), qb2 = prep(qb2_in);
+  at::Tensor keys = prep(keys_in), values = prep(values_in);
+  at::Tensor wctx = prep(wctx_in), wx = prep(wx_in), bout = prep(bout_in);
+  at::Tensor out = at::empty({B, C, N}, X.options());
+
+  const T* x_ptr = X.const_data_ptr<T>();
+  const T* qw1_p = qw1.const_data_ptr<T>();
+  const T* qb1_p = qb1.const_data_ptr<T>();
+  const T* qw2_p = qw2.const_data_ptr<T>();
+  const T* qb2_p = qb2.const_data_ptr<T>();
+  const T* keys_p = keys.const_data_ptr<T>();
+  const T* values_p = values.const_data_ptr<T>();
+  const T* wctx_p = wctx.const_data_ptr<T>();
+  const T* wx_p = wx.const_data_ptr<T>();
+  const T* bout_p = bout.const_data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> q1(D * kTile), q2(D * kTile), s(K * kTile), ctx(C * kTile), col(2 * kTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, n0 = (task % tiles) * kTile;
+      const int64_t nt = std::min(kTile, N - n0);
+      const T* xt = x_ptr + b * C * N + n0;  // (C, nt), row stride N
+      T* ot = out_p + b * C * N + n0;
+      cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xt, N, q1.data(), kTile, {qb1_p, true, false});
+      cpu::gemm_nn<T>(D, D, nt, qw2_p, D, q1.data(), kTile, q2.data(), kTile,
+                      {qb2_p, true, false});
+      cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, q2.data(), kTile, s.data(), kTile);
+      column_softmax<T>(s.data(), K, nt, kTile, col.data(), col.data() + kTile);
+      cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, s.data(), kTile, ctx.data(), kTile,
+                      {nullptr, true, false});
+      cpu::gemm_nn<T>(C, C, nt, wx_p, C, xt, N, ot, N);
+      cpu::gemm_nn<T>(C, C, nt, wctx_p, C, ctx.data(), kTile, ot, N, {bout_p, true, true});
+    }
+  });
+  return out.to(feats.scalar_type()).view({B, C, H, W});
+}
+
+at::Tensor object_attention_eval_cpu(const at::Tensor& feats, const at::Tensor& qw1,
+                                     const at::Tensor& qb1, const at::Tensor& qw2,
+                                     const at::Tensor& qb2, const at::Tensor& keys,
+                                     const at::Tensor& values, const at::Tensor& wctx,
+                                     const at::Tensor& wx, const at::Tensor& bout) {
+  check_args(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (feats.scalar_type() == at::kDouble)
+    return forward_impl<double>(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);
+  return forward_impl<float>(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ocrkernels, CPU, m) {
+  m.impl("object_attention_eval", &object_attention_eval_cpu);
+}
+
+}  // namespace ocrkernels
