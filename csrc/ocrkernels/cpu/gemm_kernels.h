@@ -147,35 +147,51 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
   }
 }
 
-// Out[:, n:n+16] for all rows, from a packed strip Bp (J x 16, contiguous). Packing first keeps
-// the strip's J rows in consecutive cache lines: read in place they sit N floats apart, a
-// power-of-two stride that maps them all onto a few cache sets.
+// Bm's full 16-column strips are first packed, strip after strip, into one contiguous buffer
+// (J x 16 floats each): read in place, a strip's J rows sit ldb floats apart, often a
+// power-of-two stride that maps them onto a few cache sets, and packing row by row reads Bm
+// sequentially. Then either each block of 6 rows of A stays in L1 while all strips stream past
+// (when A is the larger operand: weights against a pixel tile), or each strip stays in L1 while
+// all of A streams past.
 OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
                                   const float* Bm, int64_t ldb, float* Out, int64_t ldo,
                                   const Epilogue<float>& ep) {
-  thread_local std::vector<float> strip;
-  if (static_cast<int64_t>(strip.size()) < J * 16) strip.resize(J * 16);
-  float* Bp = strip.data();
-  int64_t n = 0;
-  for (; n + 16 <= nb; n += 16) {
-    for (int64_t j = 0; j < J; ++j) {
-      _mm256_storeu_ps(Bp + j * 16, _mm256_loadu_ps(Bm + j * ldb + n));
-      _mm256_storeu_ps(Bp + j * 16 + 8, _mm256_loadu_ps(Bm + j * ldb + n + 8));
-    }
-    int64_t i = 0;
-    for (; i + 6 <= M; i += 6) {
-      Epilogue<float> epi = ep;
-      if (ep.bias) epi.bias = ep.bias + i;
-      nn_tile16<6>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo, epi);
-    }
-    for (; i < M; ++i) {
-      Epilogue<float> epi = ep;
-      if (ep.bias) epi.bias = ep.bias + i;
-      nn_tile16<1>(J, A + i * lda, lda, Bp, 16, Out + i * ldo + n, ldo, epi);
+  const int64_t strips = nb / 16;
+  thread_local std::vector<float> packed;
+  if (static_cast<int64_t>(packed.size()) < strips * J * 16) packed.resize(strips * J * 16);
+  float* Bp = packed.data();
+  for (int64_t j = 0; j < J; ++j) {
+    for (int64_t st = 0; st < strips; ++st) {
+      const float* src = Bm + j * ldb + st * 16;
+      float* dst = Bp + (st * J + j) * 16;
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
     }
   }
-  if (n < nb)  // column tail
-    gemm_nn_generic(M, J, nb - n, A, lda, Bm + n, ldb, Out + n, ldo, ep);
+  auto rows_from = [&](int64_t i) {
+    Epilogue<float> epi = ep;
+    if (ep.bias) epi.bias = ep.bias + i;
+    return epi;
+  };
+  auto row_block = [&](int64_t i, int64_t st) {
+    const float* strip = Bp + st * J * 16;
+    if (i + 6 <= M) {
+      nn_tile16<6>(J, A + i * lda, lda, strip, 16, Out + i * ldo + st * 16, ldo, rows_from(i));
+    } else {
+      for (int64_t r = i; r < M; ++r)
+        nn_tile16<1>(J, A + r * lda, lda, strip, 16, Out + r * ldo + st * 16, ldo, rows_from(r));
+    }
+  };
+  if (M > strips * 16) {
+    for (int64_t i = 0; i < M; i += 6)
+      for (int64_t st = 0; st < strips; ++st) row_block(i, st);
+  } else {
+    for (int64_t st = 0; st < strips; ++st)
+      for (int64_t i = 0; i < M; i += 6) row_block(i, st);
+  }
+  if (strips * 16 < nb)  // column tail
+    gemm_nn_generic(M, J, nb - strips * 16, A, lda, Bm + strips * 16, ldb, Out + strips * 16, ldo,
+                    ep);
 }
 
 // MT x JT block of Out: MT * JT accumulators of 8 lanes each, reduced once at the end.

@@ -23,7 +23,7 @@
 namespace ocrkernels {
 namespace {
 
-constexpr int64_t kTile = 64;
+constexpr int64_t kTile = 32;
 
 // Softmax down each column of S (K x nt, row stride ld): the attention of every pixel.
 template <typename T>
