@@ -1,12 +1,16 @@
 """Benchmark the ocrkernels ops against eager PyTorch and torch.compile.
 
-What is measured, for every op in ``OPS``, every selected shape, every mode and every
-implementation (each backend that ``ocrkernels.available_backends(device)`` lists, plus
-``compiled`` = ``torch.compile(<plain-PyTorch reference>, dynamic=False)``):
+What is measured, for every op in ``OPS`` (``--ops``), every selected shape, every mode the op
+supports (``OpSpec.modes``; other ``--modes`` are skipped for it, with a note on stderr) and
+every implementation (each backend of the op that ``OpSpec.backends(device)`` lists, by default
+``ocrkernels.available_backends(device)``, plus ``compiled`` =
+``torch.compile(<plain-PyTorch reference>, dynamic=False)``):
 
-* ``median_ms``: median wall time of one call over ``--repeat`` timed rounds, after
-  ``--warmup`` warm-up rounds (plus one untimed first call, which is where torch.compile
-  compiles). In each round every implementation runs once, in a rotating order, so that the
+* ``median_ms``: median wall time of one call over the timed rounds, after the warm-up rounds
+  (plus one untimed first call, which is where torch.compile compiles). The counts are
+  ``--repeat`` / ``--warmup`` when given, else the op's own defaults (``OpSpec.repeat`` /
+  ``OpSpec.warmup``, for ops whose eager reference is slow), else 15 / 3 (5 / 1 with
+  ``--quick``). In each round every implementation runs once, in a rotating order, so that the
   noise of a busy machine hits all of them alike; every ratio is computed from medians of the
   same run. On CUDA each call is bracketed by ``torch.cuda.synchronize()``.
     - mode ``fwd``: the forward on inputs that do not require grad.
@@ -19,15 +23,20 @@ implementation (each backend that ``ocrkernels.available_backends(device)`` list
   counted with ``torch.autograd.graph.saved_tensors_hooks`` during one forward on inputs that
   require grad: each saved tensor's storage is counted once, storages of the inputs are not
   counted. It is a property of the forward graph, so both modes report the same value.
+  ``None`` (``—`` in the table) for forward-only ops, which run without autograd.
 * ``gflops``: the op's useful FLOP count (see each op's ``*_flops`` function) / median time.
-* accuracy: once per shape, before the timing, each implementation's output and input
-  gradients are compared with the reference evaluated in float64 (max abs error / max abs
-  value); a WARNING is printed when that exceeds the dtype's tolerance.
+* ``fraction_of_matmul``: ``gflops`` / the rate of a plain fp32 ``torch.mm`` of
+  (512 x 1024) @ (1024 x 32768) on the same device, timed once per run before the ops (median
+  of 5 after 1 warm-up; a smaller N with ``--quick``; ``None`` with ``--no-matmul``).
+* accuracy: once per shape, before the timing, each implementation's output and (for ops with
+  a backward) input gradients are compared with the reference evaluated in float64 (max abs
+  error / max abs value); a WARNING is printed when that exceeds the dtype's tolerance.
 
 Run from the repository root (with the package importable)::
 
     python bench/run.py                       # cityscapes + ade20k shapes, cpu, float32
     python bench/run.py --quick               # small shapes, few repeats: a smoke test
+    python bench/run.py --ops object_attention --no-matmul
     python bench/run.py --device cuda --shapes ade20k --modes fwd --json results.json
 
 The Markdown table goes to stdout, progress and warnings to stderr.
@@ -36,6 +45,7 @@ The Markdown table goes to stdout, progress and warnings to stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -62,28 +72,57 @@ TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9,
              torch.float16: 1e-2, torch.bfloat16: 5e-2}
 EAGER = "reference"  # the backend every "vs eager" ratio refers to; always measured
 COMPILED = "compiled"
+DEFAULT_REPEAT, DEFAULT_WARMUP = 15, 3
 QUICK_REPEAT, QUICK_WARMUP = 5, 1
+# (M, K, N) of the fp32 torch.mm whose rate the "of matmul" column refers to
+MATMUL_SHAPE, QUICK_MATMUL_SHAPE = (512, 1024, 32768), (512, 1024, 2048)
+MATMUL_REPEAT, MATMUL_WARMUP = 5, 1
 JSON_KEYS = ("op", "impl", "shape", "mode", "median_ms", "speedup_vs_eager",
-             "speedup_vs_compiled", "saved_bytes", "gflops")
+             "speedup_vs_compiled", "saved_bytes", "gflops", "fraction_of_matmul")
 
 
 # --------------------------------------------------------------------------------------------
-# The op registry: one OpSpec per op. A new op needs its inputs, its plain-PyTorch reference,
-# how a backend is called, its FLOP count and its shapes.
+# The op registry: one OpSpec per op. A new op needs its inputs, its implementations for a
+# shape (the plain-PyTorch reference and how a backend is called), its FLOP count and its
+# shapes.
 # --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpFns:
+    """An op's callables for one shape, device and dtype; each is called as fn(*inputs)."""
+    reference: Callable[..., Tensor]  # plain PyTorch; what torch.compile gets
+    call_backend: Callable[[str], Callable[..., Tensor]]  # backend name -> fn(*inputs)
+    reference64: Callable[..., Tensor]  # the reference in float64, for float64 inputs
+
 
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    reference: Callable[..., Tensor]  # plain PyTorch; what torch.compile gets
-    call_backend: Callable[[str], Callable[..., Tensor]]  # backend name -> fn(*inputs)
-    make_inputs: Callable[[dict], tuple[Tensor, ...]]  # float32 CPU tensors, all differentiable
+    make_fns: Callable[[dict, torch.device, torch.dtype], OpFns]
+    # float32 CPU tensors; differentiable ones when the op has mode fwd+bwd
+    make_inputs: Callable[[dict], tuple[Tensor, ...]]
     fwd_flops: Callable[[dict], int]
-    fwd_bwd_flops: Callable[[dict], int]
     describe: Callable[[dict], str]
     shapes: dict[str, dict]
     quick_shapes: dict[str, dict]  # same names as `shapes`, small sizes
+    modes: tuple[str, ...] = MODES  # the modes the op supports
+    fwd_bwd_flops: Callable[[dict], int] | None = None  # required with mode fwd+bwd
+    # the backends of the op that can run on a device, in the order "auto" prefers them
+    backends: Callable[[torch.device], list[str]] = ocrkernels.available_backends
+    repeat: int | None = None  # default timed / warm-up rounds of this op (None: the
+    warmup: int | None = None  # harness defaults); --repeat / --warmup / --quick override
+    flops_note: str | None = None  # how the FLOPs are counted, for the header
 
+    def __post_init__(self):
+        assert self.modes and set(self.modes) <= set(MODES), self.modes
+        assert (self.fwd_bwd_flops is not None) == self.has_backward, self.name
+
+    @property
+    def has_backward(self) -> bool:
+        return "fwd+bwd" in self.modes
+
+
+# spatial_gather ------------------------------------------------------------------------------
 
 def _spatial_gather_inputs(s: dict) -> tuple[Tensor, Tensor]:
     probs = 3.0 * torch.randn(s["B"], s["K"], s["H"], s["W"])  # logits; x3: softmax not flat
@@ -107,15 +146,89 @@ def _spatial_gather_backend(backend: str) -> Callable[..., Tensor]:
     return lambda probs, feats: ocrkernels.spatial_gather(probs, feats, backend=backend)
 
 
+_SPATIAL_GATHER_FNS = OpFns(reference=ocrkernels.reference.spatial_gather,
+                            call_backend=_spatial_gather_backend,
+                            reference64=ocrkernels.reference.spatial_gather)
+
+
 def _describe_bckn(s: dict) -> str:
     return f"B={s['B']} C={s['C']} K={s['K']} N={s['H']}x{s['W']}"
+
+
+# object_attention (eval-mode forward of ocrkernels.ObjectAttention) ---------------------------
+
+def _object_attention_inputs(s: dict) -> tuple[Tensor, Tensor]:
+    feats = torch.randn(s["B"], s["C"], s["H"], s["W"])
+    regions = torch.randn(s["B"], s["C"], s["K"], 1)
+    return feats, regions
+
+
+def _randomise_batchnorm(block: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, from a generator seeded 1."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+
+
+def _no_grad_call(block: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    def run(feats: Tensor, regions: Tensor) -> Tensor:
+        with torch.no_grad():
+            return block(feats, regions)
+    return run
+
+
+def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> OpFns:
+    """Two eval-mode blocks with the same state and a fixed `fused` flag each, so that no
+    implementation flips a shared flag; the conv weights come from the global RNG."""
+    block = ocrkernels.ObjectAttention(s["C"], s["D"]).eval()
+    _randomise_batchnorm(block)
+    reference = copy.deepcopy(block).to(device=device, dtype=dtype)
+    reference.fused = False  # plain PyTorch
+    fused = copy.deepcopy(reference)
+    fused.fused = True  # the fused C++ kernel (eval, no grad, "auto" resolves to "cpu")
+    reference64 = copy.deepcopy(reference).double()
+    by_backend = {EAGER: _no_grad_call(reference), "cpu": _no_grad_call(fused)}
+    return OpFns(reference=by_backend[EAGER], call_backend=by_backend.__getitem__,
+                 reference64=_no_grad_call(reference64))
+
+
+def _object_attention_backends(device: torch.device) -> list[str]:
+    # block.fused = True runs the fused kernel only where "auto" resolves to the C++ CPU
+    # backend; elsewhere it would silently run the reference, so there is no other backend.
+    if ocrkernels.resolve_backend("auto", device) == "cpu":
+        return ["cpu", EAGER]
+    return [EAGER]
+
+
+def _object_attention_flops(s: dict) -> int:
+    # Useful FLOPs of the fused formulation, counted for every row (reference and compiled
+    # too). Per pixel, with D = channels, C = in_channels, K = regions:
+    #   2*(D*C + D*D)   the two query 1x1 convs (C -> D -> D)
+    # + 2*K*D           the similarities query . keys
+    # + 2*C*K           the attention-weighted values, already up-projected to C (out_project
+    #                   is applied to the K value columns, exact since the weights sum to 1)
+    # + 2*2*C*C         the final 1x1 conv over [context, feats] (2C -> C)
+    # times B*H*W. The K-column key/value projections, softmax, BN and ReLU are not counted.
+    # The reference computes 2*(D*C + D*D + 2*K*D + D*C + 2*C*C) per pixel (context in D
+    # channels, then out_project D -> C on every pixel), more than counted here.
+    C, D, K = s["C"], s["D"], s["K"]
+    return 2 * (D * C + D * D + K * D + C * K + 2 * C * C) * s["B"] * s["H"] * s["W"]
+
+
+def _describe_bcdkn(s: dict) -> str:
+    return f"B={s['B']} C={s['C']} D={s['D']} K={s['K']} N={s['H']}x{s['W']}"
 
 
 OPS: dict[str, OpSpec] = {
     "spatial_gather": OpSpec(
         name="spatial_gather",
-        reference=ocrkernels.reference.spatial_gather,
-        call_backend=_spatial_gather_backend,
+        make_fns=lambda shape, device, dtype: _SPATIAL_GATHER_FNS,
         make_inputs=_spatial_gather_inputs,
         fwd_flops=_spatial_gather_flops,
         fwd_bwd_flops=_spatial_gather_fwd_bwd_flops,
@@ -124,6 +237,23 @@ OPS: dict[str, OpSpec] = {
                 "ade20k": dict(B=1, C=512, K=150, H=128, W=128)},
         quick_shapes={"cityscapes": dict(B=2, C=64, K=19, H=32, W=48),
                       "ade20k": dict(B=1, C=64, K=150, H=24, W=40)},
+    ),
+    "object_attention": OpSpec(
+        name="object_attention",
+        make_fns=_object_attention_fns,
+        make_inputs=_object_attention_inputs,
+        fwd_flops=_object_attention_flops,
+        describe=_describe_bcdkn,
+        shapes={"cityscapes": dict(B=1, C=512, D=256, K=19, H=128, W=256),
+                "ade20k": dict(B=1, C=512, D=256, K=150, H=128, W=128)},
+        quick_shapes={"cityscapes": dict(B=1, C=64, D=32, K=19, H=24, W=40),
+                      "ade20k": dict(B=1, C=64, D=32, K=150, H=16, W=24)},
+        modes=("fwd",),  # eval-mode forward only: training fwd+bwd is not implemented yet
+        backends=_object_attention_backends,
+        repeat=5, warmup=1,  # the eager reference takes ~1 s per call on a 2-core CPU
+        flops_note=("useful FLOPs of the fused formulation for every row, "
+                    "2*(D*C + D*D + K*D + C*K + 2*C*C) per pixel; the reference computes "
+                    "2*(D*C + D*D + 2*K*D + D*C + 2*C*C) per pixel"),
     ),
 }
 
@@ -179,9 +309,15 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return (actual.double() - expected).abs().max().item() / scale
 
 
-def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor,
-          expected: tuple[Tensor, ...]) -> tuple[int, float, float]:
-    """One forward+backward: (saved_bytes, output rel. error, worst input-grad rel. error)."""
+def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor | None,
+          expected: tuple[Tensor, ...]) -> tuple[int | None, float, float | None]:
+    """One call: (saved_bytes, output rel. error, worst input-grad rel. error).
+
+    With grad_out None (a forward-only op) the forward runs as it is timed, without autograd:
+    saved_bytes and the grad error are None.
+    """
+    if grad_out is None:
+        return None, relative_error(fn(*inputs), expected[0]), None
     leaves = requires_grad_copies(inputs)
     out, saved_bytes = forward_with_saved_bytes(fn, leaves)
     grads = torch.autograd.grad(out, leaves, grad_out)
@@ -190,16 +326,20 @@ def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tenso
     return saved_bytes, out_err, grad_err
 
 
-def float64_expected(op: OpSpec, inputs: tuple[Tensor, ...],
-                     grad_out: Tensor) -> tuple[Tensor, ...]:
-    """(output, *input grads) of the reference evaluated in float64."""
+def float64_expected(fns: OpFns, inputs: tuple[Tensor, ...],
+                     grad_out: Tensor | None) -> tuple[Tensor, ...]:
+    """(output, *input grads) of the reference evaluated in float64; (output,) without
+    grad_out."""
+    if grad_out is None:
+        with torch.no_grad():
+            return (fns.reference64(*(t.double() for t in inputs)),)
     leaves = tuple(t.detach().double().requires_grad_() for t in inputs)
-    out = op.reference(*leaves)
+    out = fns.reference64(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out.double())
     return (out.detach(), *grads)
 
 
-def make_step(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor,
+def make_step(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor | None,
               mode: str) -> Callable[[], object]:
     """The thunk that is timed for `mode`."""
     if mode == "fwd":
@@ -256,23 +396,39 @@ def first_calls(impls: list[Impl], steps: dict[str, Callable[[], object]], what:
     return kept
 
 
+def matmul_gflops(device: torch.device, shape: tuple[int, int, int]) -> float:
+    """GFLOP/s of a plain fp32 torch.mm (M x K) @ (K x N): median of MATMUL_REPEAT calls after
+    MATMUL_WARMUP, into a preallocated output."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    seconds = time_interleaved({"mm": lambda: torch.mm(a, b, out=out)}, MATMUL_WARMUP,
+                               MATMUL_REPEAT, make_sync(device))["mm"]
+    return 2 * m * k * n / seconds / 1e9
+
+
 # --------------------------------------------------------------------------------------------
 # One op on one shape
 # --------------------------------------------------------------------------------------------
 
-def select_impls(op: OpSpec, device: torch.device, backends: list[str] | None,
-                 compile_: bool) -> list[Impl]:
-    available = ocrkernels.available_backends(device)
+def select_backends(op: OpSpec, device: torch.device, backends: list[str] | None) -> list[str]:
+    """The op's backends to measure on `device`; the eager reference is always among them."""
+    available = op.backends(device)
     wanted = available if backends is None else [b for b in backends if b in available]
     for b in (backends or []):
         if b not in available:
-            log(f"WARNING: backend {b!r} is not available on {device}, skipped")
+            log(f"WARNING: backend {b!r} is not available for {op.name} on {device}, skipped")
     if EAGER not in wanted:
         wanted = [*wanted, EAGER]  # the baseline of every "vs eager" ratio
-    impls = [Impl(b, op.call_backend(b)) for b in wanted]
+    return wanted
+
+
+def make_impls(fns: OpFns, backends: list[str], compile_: bool) -> list[Impl]:
+    impls = [Impl(b, fns.call_backend(b)) for b in backends]
     if compile_:
         try:
-            compiled = torch.compile(op.reference, dynamic=False)
+            compiled = torch.compile(fns.reference, dynamic=False)
             impls.append(Impl(COMPILED, compiled, may_fail=True))
         except Exception as exc:  # noqa: BLE001
             log(f"WARNING: torch.compile unavailable, no compiled rows: {type(exc).__name__}: "
@@ -280,13 +436,15 @@ def select_impls(op: OpSpec, device: torch.device, backends: list[str] | None,
     return impls
 
 
-def check_impls(op: OpSpec, shape_str: str, impls: list[Impl], inputs: tuple[Tensor, ...],
-                grad_out: Tensor, notes: list[str]) -> tuple[list[Impl], dict[str, int]]:
+def check_impls(op: OpSpec, shape_str: str, impls: list[Impl], fns: OpFns,
+                inputs: tuple[Tensor, ...], grad_out: Tensor | None,
+                notes: list[str]) -> tuple[list[Impl], dict[str, int | None]]:
     """Accuracy note and saved bytes of each impl; drops optional impls that fail."""
-    expected = float64_expected(op, inputs, grad_out)
+    expected = float64_expected(fns, inputs, grad_out)
     kept, saved = [], {}
     for impl in impls:
-        log(f"[{op.name} {shape_str}] check + saved bytes: {impl.name}")
+        log(f"[{op.name} {shape_str}] check"
+            f"{' + saved bytes' if grad_out is not None else ''}: {impl.name}")
         try:
             saved[impl.name], out_err, grad_err = probe(impl.fn, inputs, grad_out, expected)
         except Exception as exc:  # noqa: BLE001
@@ -301,37 +459,44 @@ def check_impls(op: OpSpec, shape_str: str, impls: list[Impl], inputs: tuple[Ten
     return kept, saved
 
 
-def bench_shape(op: OpSpec, shape: dict, impls: list[Impl], args: argparse.Namespace,
-                device: torch.device, dtype: torch.dtype, notes: list[str]) -> list[dict]:
+def bench_shape(op: OpSpec, shape: dict, backends: list[str], modes: list[str],
+                timing: tuple[int, int], args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype, matmul: float | None, notes: list[str]) -> list[dict]:
     """All rows of one op on one shape: check, count saved bytes, then time every mode."""
     sync = make_sync(device)
     shape_str = op.describe(shape)
+    repeat, warmup = timing
     torch.manual_seed(0)
     inputs = tuple(t.to(device=device, dtype=dtype) for t in op.make_inputs(shape))
-    with torch.no_grad():
-        out_shape = op.reference(*inputs).shape
-    grad_out = torch.randn(out_shape).to(device=device, dtype=dtype)
-    impls, saved = check_impls(op, shape_str, impls, inputs, grad_out, notes)
+    fns = op.make_fns(shape, device, dtype)
+    grad_out = None
+    if op.has_backward:  # also with --modes fwd: the saved bytes need a backward graph
+        with torch.no_grad():
+            out_shape = fns.reference(*inputs).shape
+        grad_out = torch.randn(out_shape).to(device=device, dtype=dtype)
+    impls = make_impls(fns, backends, args.compile)
+    impls, saved = check_impls(op, shape_str, impls, fns, inputs, grad_out, notes)
 
     rows = []
-    for mode in args.modes:
+    for mode in modes:
         steps = {i.name: make_step(i.fn, inputs, grad_out, mode) for i in impls}
         what = f"{op.name} {shape_str} {mode}"
         mode_impls = first_calls(impls, steps, what, sync)
         log(f"[{what}] timing {', '.join(i.name for i in mode_impls)}: "
-            f"{args.warmup} warm-up + {args.repeat} rounds")
+            f"{warmup} warm-up + {repeat} rounds")
         medians = time_interleaved({i.name: steps[i.name] for i in mode_impls},
-                                   args.warmup, args.repeat, sync)
+                                   warmup, repeat, sync)
         flops = op.fwd_flops(shape) if mode == "fwd" else op.fwd_bwd_flops(shape)
-        rows += make_rows(op.name, shape_str, mode, medians, saved, flops, device)
+        rows += make_rows(op.name, shape_str, mode, medians, saved, flops, matmul, device)
     return rows
 
 
-def accuracy_note(op: str, shape: str, impl: str, out_err: float, grad_err: float,
+def accuracy_note(op: str, shape: str, impl: str, out_err: float, grad_err: float | None,
                   dtype: torch.dtype) -> str:
-    worst = max(out_err, grad_err)
+    """grad_err is None for a forward-only op."""
+    worst = max(e for e in (out_err, grad_err) if e is not None)
     note = (f"{op} {shape} {impl}: max rel. error vs float64 reference: output {out_err:.2e}, "
-            f"input grads {grad_err:.2e}")
+            + ("forward only" if grad_err is None else f"input grads {grad_err:.2e}"))
     if worst > TOLERANCE[dtype]:
         warning = (f"WARNING: {impl} exceeds the {dtype} tolerance {TOLERANCE[dtype]:g} on "
                    f"{op} {shape} ({worst:.2e})")
@@ -345,7 +510,9 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 
 def make_rows(op: str, shape: str, mode: str, medians: dict[str, float],
-              saved: dict[str, int], flops: int, device: torch.device) -> list[dict]:
+              saved: dict[str, int | None], flops: int, matmul: float | None,
+              device: torch.device) -> list[dict]:
+    """matmul: the fp32 torch.mm GFLOP/s of this run, or None when not measured."""
     eager, compiled = medians.get(EAGER), medians.get(COMPILED)
     return [{
         "op": op, "impl": name, "shape": shape, "mode": mode,
@@ -354,6 +521,7 @@ def make_rows(op: str, shape: str, mode: str, medians: dict[str, float],
         "speedup_vs_compiled": ratio(compiled, seconds),
         "saved_bytes": saved[name],
         "gflops": flops / seconds / 1e9,
+        "fraction_of_matmul": ratio(flops / seconds / 1e9, matmul),
         "saved_bytes_vs_eager": ratio(saved[name], saved.get(EAGER)),
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -378,7 +546,15 @@ def device_description(device: torch.device) -> str:
 
 
 def header(args: argparse.Namespace, device: torch.device, started: datetime.datetime,
-           notes: list[str]) -> str:
+           timing: dict[str, tuple[int, int]], matmul: float | None,
+           matmul_shape: tuple[int, int, int], notes: list[str]) -> str:
+    """timing: op name -> (repeat, warmup) of the ops that ran."""
+    rounds = "; ".join(f"{name}: {r} after {w}" for name, (r, w) in timing.items())
+    matmul_line = ("not measured (--no-matmul)" if matmul is None else
+                   f"{matmul:.1f} GFLOP/s ({'x'.join(map(str, matmul_shape))}, same run); "
+                   f"of matmul = row GFLOP/s / this rate")
+    flops_notes = [f"- GFLOP/s of {name}: {OPS[name].flops_note}"
+                   for name in timing if OPS[name].flops_note]
     lines = [
         "## ocrkernels benchmark",
         "",
@@ -389,8 +565,11 @@ def header(args: argparse.Namespace, device: torch.device, started: datetime.dat
         f"- dtype: {args.dtype}",
         f"- date: {started.isoformat(timespec='seconds')} (start of the run)",
         f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        f"- timing: median of {args.repeat} interleaved round(s) after {args.warmup} warm-up "
-        f"round(s); saved MB = bytes saved for backward beyond the inputs / 1e6",
+        f"- timing: median of the timed interleaved rounds after the warm-up rounds "
+        f"({rounds}); saved MB = bytes saved for backward beyond the inputs / 1e6 "
+        f"(— for forward-only ops, which run without autograd)",
+        f"- fp32 matmul rate: {matmul_line}",
+        *flops_notes,
         "",
         "Accuracy (checked once per shape before timing):",
         "",
@@ -405,13 +584,14 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["op", "impl", "shape", "mode", "median ms", "vs eager", "vs compiled",
-            "saved MB", "saved vs eager", "GFLOP/s"]
+            "saved MB", "saved vs eager", "GFLOP/s", "of matmul"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
+        saved_mb = None if r["saved_bytes"] is None else r["saved_bytes"] / 1e6
         cells = [r["op"], r["impl"], r["shape"], r["mode"], fmt(r["median_ms"], ".3f"),
                  fmt(r["speedup_vs_eager"], ".2f", "x"), fmt(r["speedup_vs_compiled"], ".2f", "x"),
-                 fmt(r["saved_bytes"] / 1e6, ".3g"), fmt(r["saved_bytes_vs_eager"], ".3g", "x"),
-                 fmt(r["gflops"], ".1f")]
+                 fmt(saved_mb, ".3g"), fmt(r["saved_bytes_vs_eager"], ".3g", "x"),
+                 fmt(r["gflops"], ".1f"), fmt(r["fraction_of_matmul"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -455,6 +635,9 @@ def comma_list(choices: tuple[str, ...] | None = None) -> Callable[[str], list[s
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape_names = tuple(sorted({n for op in OPS.values() for n in op.shapes}))
     backend_names = tuple(b for b in ocrkernels.BACKENDS if b != "auto")
+    own_repeat = ", ".join(f"{op.name}: {op.repeat}" for op in OPS.values() if op.repeat)
+    own_warmup = ", ".join(f"{op.name}: {op.warmup}" for op in OPS.values()
+                           if op.warmup is not None)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -467,27 +650,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of backends (default: every available one; the eager "
                         "reference is always measured as the baseline)")
     p.add_argument("--modes", type=comma_list(MODES), default=list(MODES),
-                   help="comma list among fwd,fwd+bwd (default: both)")
+                   help="comma list among fwd,fwd+bwd (default: both; an op runs only the "
+                        "modes it supports)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile baseline")
+    p.add_argument("--no-matmul", dest="matmul", action="store_false",
+                   help="skip the fp32 matmul-rate calibration (no 'of matmul' values)")
     p.add_argument("--repeat", type=int, default=None,
-                   help=f"timed rounds (default: 15, {QUICK_REPEAT} with --quick)")
+                   help=f"timed rounds (default: {DEFAULT_REPEAT}, or the op's own "
+                        f"({own_repeat}); {QUICK_REPEAT} with --quick)")
     p.add_argument("--warmup", type=int, default=None,
-                   help=f"warm-up rounds (default: 3, {QUICK_WARMUP} with --quick)")
+                   help=f"warm-up rounds (default: {DEFAULT_WARMUP}, or the op's own "
+                        f"({own_warmup}); {QUICK_WARMUP} with --quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads before measuring (default: torch's default)")
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, few repeats, a small matmul calibration (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = p.parse_args(argv)
-    if args.repeat is None:
-        args.repeat = QUICK_REPEAT if args.quick else 15
-    if args.warmup is None:
-        args.warmup = QUICK_WARMUP if args.quick else 3
-    if args.repeat < 1 or args.warmup < 0:
+    if (args.repeat is not None and args.repeat < 1) or (args.warmup is not None
+                                                         and args.warmup < 0):
         p.error("--repeat must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args
+
+
+def op_timing(op: OpSpec, args: argparse.Namespace) -> tuple[int, int]:
+    """(repeat, warmup) of `op`: --repeat / --warmup, else --quick's, else the op's own
+    defaults, else the harness defaults."""
+    def pick(given: int | None, quick: int, own: int | None, default: int) -> int:
+        if given is not None:
+            return given
+        if args.quick:
+            return quick
+        return default if own is None else own
+    return (pick(args.repeat, QUICK_REPEAT, op.repeat, DEFAULT_REPEAT),
+            pick(args.warmup, QUICK_WARMUP, op.warmup, DEFAULT_WARMUP))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,17 +696,33 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    matmul_shape = QUICK_MATMUL_SHAPE if args.quick else MATMUL_SHAPE
+    matmul = None
+    if args.matmul:
+        log(f"fp32 matmul rate: torch.mm {'x'.join(map(str, matmul_shape))}, "
+            f"{MATMUL_WARMUP} warm-up + {MATMUL_REPEAT} calls")
+        matmul = matmul_gflops(device, matmul_shape)
     rows: list[dict] = []
     notes: list[str] = []
+    timing: dict[str, tuple[int, int]] = {}
     for op in (OPS[name] for name in args.ops):
-        impls = select_impls(op, device, args.backends, args.compile)
+        modes = [m for m in args.modes if m in op.modes]
+        skipped = [m for m in args.modes if m not in op.modes]
+        if skipped:
+            log(f"NOTE: {op.name} supports only mode(s) {', '.join(op.modes)}; "
+                f"{', '.join(skipped)} skipped for it")
+        if not modes:
+            continue
+        backends = select_backends(op, device, args.backends)
+        timing[op.name] = op_timing(op, args)
         shapes = op.quick_shapes if args.quick else op.shapes
         for shape_name in (args.shapes or list(shapes)):
             if shape_name not in shapes:
                 log(f"WARNING: op {op.name} has no shape {shape_name!r}, skipped")
                 continue
-            rows += bench_shape(op, shapes[shape_name], impls, args, device, dtype, notes)
-    print(header(args, device, started, notes))
+            rows += bench_shape(op, shapes[shape_name], backends, modes, timing[op.name], args,
+                                device, dtype, matmul, notes)
+    print(header(args, device, started, timing, matmul, matmul_shape, notes))
     print()
     print(markdown_table(rows))
     if args.json:

@@ -37,10 +37,13 @@ inline bool cpu_has_avx2() {
 // extension runs on any x86-64): OCR_DISPATCH(ret, name, (params), (args)) defines `name` from
 // `name##_body`.
 #if OCR_HAVE_AVX2_PATH
-#define OCR_DISPATCH(ret, name, params, args)                                       \
-  OCR_AVX2 ret name##_avx2 params { return name##_body args; }                     \
-  ret name##_base params { return name##_body args; }                              \
-  ret name params { return ::ocrkernels::cpu::cpu_has_avx2() ? name##_avx2 args : name##_base args; }
+#define OCR_DISPATCH(ret, name, params, args)                 \
+  OCR_AVX2 ret name##_avx2 params { return name##_body args; } \
+  ret name##_base params { return name##_body args; }          \
+  ret name params {                                            \
+    if (::ocrkernels::cpu::cpu_has_avx2()) return name##_avx2 args; \
+    return name##_base args;                                   \
+  }
 #else
 #define OCR_DISPATCH(ret, name, params, args) \
   ret name params { return name##_body args; }
