@@ -9,6 +9,7 @@
 // and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -150,47 +151,53 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
   }
 }
 
-// Bm's full 16-column strips are first packed, strip after strip, into one contiguous buffer
-// (J x 16 floats each): read in place, a strip's J rows sit ldb floats apart, often a
-// power-of-two stride that maps them onto a few cache sets, and packing row by row reads Bm
-// sequentially. Then either each block of 6 rows of A stays in L1 while all strips stream past
-// (when A is the larger operand: weights against a pixel tile), or each strip stays in L1 while
-// all of A streams past.
+// Bm's full 16-column strips are packed, a group at a time, into a contiguous buffer (J x 16
+// floats per strip): read in place, a strip's J rows sit ldb floats apart, often a power-of-two
+// stride that maps them onto a few cache sets, while packing reads each row's group of columns
+// in one sequential run. A group is sized to stay in L2. Within a group, either each block of 6
+// rows of A stays in L1 while the group's strips pass (when A is the larger operand: weights
+// against a pixel tile), or each strip stays in L1 while all of A passes.
 OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
                                   const float* Bm, int64_t ldb, float* Out, int64_t ldo,
                                   const Epilogue<float>& ep) {
+  constexpr int64_t kGroupFloats = 32 * 1024;  // 128 KiB of packed strips
   const int64_t strips = nb / 16;
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (J * 16)));
   thread_local std::vector<float> packed;
-  if (static_cast<int64_t>(packed.size()) < strips * J * 16) packed.resize(strips * J * 16);
+  if (static_cast<int64_t>(packed.size()) < group * J * 16) packed.resize(group * J * 16);
   float* Bp = packed.data();
-  for (int64_t j = 0; j < J; ++j) {
-    for (int64_t st = 0; st < strips; ++st) {
-      const float* src = Bm + j * ldb + st * 16;
-      float* dst = Bp + (st * J + j) * 16;
-      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
-      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
-    }
-  }
   auto rows_from = [&](int64_t i) {
     Epilogue<float> epi = ep;
     if (ep.bias) epi.bias = ep.bias + i;
     return epi;
   };
-  auto row_block = [&](int64_t i, int64_t st) {
-    const float* strip = Bp + st * J * 16;
-    if (i + 6 <= M) {
-      nn_tile16<6>(J, A + i * lda, lda, strip, 16, Out + i * ldo + st * 16, ldo, rows_from(i));
-    } else {
-      for (int64_t r = i; r < M; ++r)
-        nn_tile16<1>(J, A + r * lda, lda, strip, 16, Out + r * ldo + st * 16, ldo, rows_from(r));
+  for (int64_t s0 = 0; s0 < strips; s0 += group) {
+    const int64_t gs = std::min(group, strips - s0);
+    for (int64_t j = 0; j < J; ++j) {
+      for (int64_t g = 0; g < gs; ++g) {
+        const float* src = Bm + j * ldb + (s0 + g) * 16;
+        float* dst = Bp + (g * J + j) * 16;
+        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+      }
     }
-  };
-  if (M > strips * 16) {
-    for (int64_t i = 0; i < M; i += 6)
-      for (int64_t st = 0; st < strips; ++st) row_block(i, st);
-  } else {
-    for (int64_t st = 0; st < strips; ++st)
-      for (int64_t i = 0; i < M; i += 6) row_block(i, st);
+    auto row_block = [&](int64_t i, int64_t g) {
+      const float* strip = Bp + g * J * 16;
+      float* o = Out + (s0 + g) * 16;
+      if (i + 6 <= M) {
+        nn_tile16<6>(J, A + i * lda, lda, strip, 16, o + i * ldo, ldo, rows_from(i));
+      } else {
+        for (int64_t r = i; r < M; ++r)
+          nn_tile16<1>(J, A + r * lda, lda, strip, 16, o + r * ldo, ldo, rows_from(r));
+      }
+    };
+    if (M > gs * 16) {
+      for (int64_t i = 0; i < M; i += 6)
+        for (int64_t g = 0; g < gs; ++g) row_block(i, g);
+    } else {
+      for (int64_t g = 0; g < gs; ++g)
+        for (int64_t i = 0; i < M; i += 6) row_block(i, g);
+    }
   }
   if (strips * 16 < nb)  // column tail
     gemm_nn_generic(M, J, nb - strips * 16, A, lda, Bm + strips * 16, ldb, Out + strips * 16, ldo,
