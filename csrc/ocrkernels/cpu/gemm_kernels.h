@@ -35,19 +35,19 @@ inline bool cpu_has_avx2() {
 
 // Element-wise loops are written once as an always-inlined body and compiled twice, for
 // AVX2+FMA and for the baseline ISA, picked at run time (no -march at build time, so the
-// extension runs on any x86-64): OCR_DISPATCH(ret, name, (params), (args)) defines `name` from
-// `name##_body`.
+// extension runs on any x86-64): OCR_DISPATCH(ret, name, body, (params), (args)) defines `name`
+// as `body args` in both builds.
 #if OCR_HAVE_AVX2_PATH
-#define OCR_DISPATCH(ret, name, params, args)                 \
-  OCR_AVX2 ret name##_avx2 params { return name##_body args; } \
-  ret name##_base params { return name##_body args; }          \
-  ret name params {                                            \
+#define OCR_DISPATCH(ret, name, body, params, args)             \
+  OCR_AVX2 ret name##_avx2 params { return body args; }          \
+  ret name##_base params { return body args; }                   \
+  ret name params {                                              \
     if (::ocrkernels::cpu::cpu_has_avx2()) return name##_avx2 args; \
-    return name##_base args;                                   \
+    return name##_base args;                                     \
   }
 #else
-#define OCR_DISPATCH(ret, name, params, args) \
-  ret name params { return name##_body args; }
+#define OCR_DISPATCH(ret, name, body, params, args) \
+  ret name params { return body args; }
 #endif
 #define OCR_LOOP_BODY inline __attribute__((always_inline))
 

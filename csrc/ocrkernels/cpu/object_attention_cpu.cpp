@@ -51,11 +51,7 @@ OCR_LOOP_BODY void column_softmax_body(T* S, int64_t K, int64_t nt, int64_t ld, 
     for (int64_t n = 0; n < nt; ++n) row[n] *= colsum[n];
   }
 }
-OCR_LOOP_BODY void column_softmax_f32_body(float* S, int64_t K, int64_t nt, int64_t ld,
-                                           float* colmax, float* colsum) {
-  column_softmax_body<float>(S, K, nt, ld, colmax, colsum);
-}
-OCR_DISPATCH(void, column_softmax_f32,
+OCR_DISPATCH(void, column_softmax_f32, column_softmax_body<float>,
              (float* S, int64_t K, int64_t nt, int64_t ld, float* colmax, float* colsum),
              (S, K, nt, ld, colmax, colsum))
 

@@ -39,94 +39,86 @@ namespace {
 // and for the baseline ISA (OCR_DISPATCH, gemm_kernels.h).
 
 // max_i s * x[i]
-OCR_LOOP_BODY float scaled_max_f32_body(const float* x, float s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
+template <typename T>
+OCR_LOOP_BODY T scaled_max_body(const T* x, T s, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    float v = s * x[i];
+    T v = s * x[i];
     m = v > m ? v : m;
   }
   return m;
 }
-OCR_DISPATCH(float, scaled_max_f32, (const float* x, float s, int64_t n), (x, s, n))
 
 // out[i] = exp(s * x[i] - shift); returns sum_i out[i].
-OCR_LOOP_BODY float exp_shifted_f32_body(const float* x, float s, float shift, float* out,
-                                         int64_t n) {
-  float sum = 0.f;
+template <typename T>
+OCR_LOOP_BODY T exp_shifted_body(const T* x, T s, T shift, T* out, int64_t n) {
+  T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    float v = s * x[i];  // rounded before the shift, as softmax(s * x) does
-    float e = exp_f32(v - shift);
+    T v = s * x[i];  // rounded before the shift, as softmax(s * x) does
+    T e = exp_acc(v - shift);
     out[i] = e;
     sum += e;
   }
   return sum;
 }
-OCR_DISPATCH(float, exp_shifted_f32,
-             (const float* x, float s, float shift, float* out, int64_t n),
-             (x, s, shift, out, n))
 
 // d[i] <- s * w[i] * (d[i] - delta) with w[i] = softmax_weight(s * x[i], m, logl).
-OCR_LOOP_BODY void softmax_grad_f32_body(const float* x, float s, float m, float logl,
-                                         float delta, float* d, int64_t n) {
+template <typename T>
+OCR_LOOP_BODY void softmax_grad_body(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float w = softmax_weight(s * x[i], m, logl);
+    T w = softmax_weight(s * x[i], m, logl);
     d[i] = s * softmax_input_grad(w, d[i], delta);
   }
 }
-OCR_DISPATCH(void, softmax_grad_f32,
-             (const float* x, float s, float m, float logl, float delta, float* d, int64_t n),
-             (x, s, m, logl, delta, d, n))
 
 // sum_i w[i] * d[i] with w[i] = softmax_weight(s * x[i], m, logl), w written to `w_out`.
-OCR_LOOP_BODY float weights_dot_f32_body(const float* x, float s, float m, float logl,
-                                         const float* d, float* w_out, int64_t n) {
-  float sum = 0.f;
+template <typename T>
+OCR_LOOP_BODY T weights_dot_body(const T* x, T s, T m, T logl, const T* d, T* w_out,
+                                 int64_t n) {
+  T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    float w = softmax_weight(s * x[i], m, logl);
+    T w = softmax_weight(s * x[i], m, logl);
     w_out[i] = w;
     sum += w * d[i];
   }
   return sum;
 }
-OCR_DISPATCH(float, weights_dot_f32,
+
+// fp64 runs the bodies as they are; fp32 through the AVX2 / baseline dispatch.
+template <typename T>
+T scaled_max(const T* x, T s, int64_t n) {
+  return scaled_max_body(x, s, n);
+}
+template <typename T>
+T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
+  return exp_shifted_body(x, s, shift, out, n);
+}
+template <typename T>
+void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
+  softmax_grad_body(x, s, m, logl, delta, d, n);
+}
+template <typename T>
+T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
+  return weights_dot_body(x, s, m, logl, d, w_out, n);
+}
+
+OCR_DISPATCH(float, scaled_max_f32, scaled_max_body<float>,
+             (const float* x, float s, int64_t n), (x, s, n))
+OCR_DISPATCH(float, exp_shifted_f32, exp_shifted_body<float>,
+             (const float* x, float s, float shift, float* out, int64_t n),
+             (x, s, shift, out, n))
+OCR_DISPATCH(void, softmax_grad_f32, softmax_grad_body<float>,
+             (const float* x, float s, float m, float logl, float delta, float* d, int64_t n),
+             (x, s, m, logl, delta, d, n))
+OCR_DISPATCH(float, weights_dot_f32, weights_dot_body<float>,
              (const float* x, float s, float m, float logl, const float* d, float* w_out,
               int64_t n),
              (x, s, m, logl, d, w_out, n))
 
-// Generic (fp64) versions of the same four loops.
-template <typename T>
-T scaled_max(const T* x, T s, int64_t n) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, s * x[i]);
-  return m;
-}
-template <typename T>
-T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
-  T sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = exp_acc(s * x[i] - shift);
-    sum += out[i];
-  }
-  return sum;
-}
-template <typename T>
-void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    d[i] = s * softmax_input_grad(softmax_weight(s * x[i], m, logl), d[i], delta);
-}
-template <typename T>
-T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
-  T sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    w_out[i] = softmax_weight(s * x[i], m, logl);
-    sum += w_out[i] * d[i];
-  }
-  return sum;
-}
 template <>
 float scaled_max<float>(const float* x, float s, int64_t n) {
   return scaled_max_f32(x, s, n);
