@@ -61,8 +61,8 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
         if backend.upper() not in _KERNEL_KEYS:
-            return ("ocrkernels._C was built without CUDA kernels (rebuild with nvcc present, "
-                    "or FORCE_CUDA=1)")
+            return (f"ocrkernels._C was built without {backend.upper()} kernels" +
+                    (" (rebuild with nvcc present, or FORCE_CUDA=1)" if backend == "cuda" else ""))
         return None
     if backend == "triton":
         return "Triton kernels are not part of this version of ocrkernels"
