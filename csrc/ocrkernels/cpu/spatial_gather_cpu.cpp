@@ -31,6 +31,7 @@
 #include "../common/checks.h"
 #include "../common/online_softmax.h"
 #include "gemm_kernels.h"
+#include "parallel.h"
 
 namespace ocrkernels {
 namespace {
@@ -167,31 +168,36 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   const acc_t* f_ptr = F.const_data_ptr<acc_t>();
   acc_t* part_ptr = partial.data_ptr<acc_t>();
 
-  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> E(K * kTileN), alpha(K);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / T, j = task % T;
-      const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
-      SoftmaxStats<acc_t>* st = stats.data() + task * K;
-      acc_t* O = part_ptr + task * C * K;  // (C, K)
-      for (int64_t k = 0; k < K; ++k) st[k] = {-std::numeric_limits<acc_t>::infinity(), 0};
-      for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
-        const int64_t nb = std::min(kTileN, c1 - n0);
-        bool rescaled = false;
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t* x = p_ptr + (b * K + k) * N + n0;
-          const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
-          const acc_t tile_sum = exp_shifted(x, s, m, E.data() + k * kTileN, nb);
-          alpha[k] = rescale(st[k].max, m);
-          rescaled |= n0 != c0 && alpha[k] != acc_t(1);
-          st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
-        }
-        if (rescaled)
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t k = 0; k < K; ++k) O[c * K + k] *= alpha[k];
-        // O (C x K) += F_tile (C x nb) . E^T (nb x K)
-        cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E.data(), kTileN, O, K);
+  struct Scratch {
+    std::vector<acc_t> E, alpha;  // tile weights (K x kTileN), per-row rescale factors
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<acc_t>(K * kTileN), std::vector<acc_t>(K)};
+  };
+  cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, Scratch& scratch) {
+    acc_t* E = scratch.E.data();
+    acc_t* alpha = scratch.alpha.data();
+    const int64_t b = task / T, j = task % T;
+    const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+    SoftmaxStats<acc_t>* st = stats.data() + task * K;
+    acc_t* O = part_ptr + task * C * K;  // (C, K)
+    for (int64_t k = 0; k < K; ++k) st[k] = {-std::numeric_limits<acc_t>::infinity(), 0};
+    for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
+      const int64_t nb = std::min(kTileN, c1 - n0);
+      bool rescaled = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* x = p_ptr + (b * K + k) * N + n0;
+        const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
+        const acc_t tile_sum = exp_shifted(x, s, m, E + k * kTileN, nb);
+        alpha[k] = rescale(st[k].max, m);
+        rescaled |= n0 != c0 && alpha[k] != acc_t(1);
+        st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
       }
+      if (rescaled)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t k = 0; k < K; ++k) O[c * K + k] *= alpha[k];
+      // O (C x K) += F_tile (C x nb) . E^T (nb x K)
+      cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E, kTileN, O, K);
     }
   });
 
@@ -259,27 +265,26 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
   acc_t* gf_ptr = gF.data_ptr<acc_t>();
   acc_t* dp_ptr = delta_part.data_ptr<acc_t>();
 
-  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Wt(K * kTileN);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / T, j = task % T;
-      const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
-      for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
-        const int64_t nb = std::min(kTileN, c1 - n0);
-        const acc_t* Ft = f_ptr + b * C * N + n0;
-        acc_t* D = gp_ptr + b * K * N + n0;
-        // D (K x nb) = dR^T (K x C) . F_tile (C x nb)
-        cpu::gemm_nn<acc_t>(K, C, nb, drt_ptr + b * K * C, C, Ft, N, D, N);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t row = b * K + k;
-          dp_ptr[task * K + k] +=
-              weights_dot(p_ptr + row * N + n0, s, lse_ptr[2 * row], lse_ptr[2 * row + 1],
-                          D + k * N, Wt.data() + k * kTileN, nb);
-        }
-        // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
-        cpu::gemm_nn<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt.data(), kTileN,
-                            gf_ptr + b * C * N + n0, N);
+  auto make_scratch = [&] { return std::vector<acc_t>(K * kTileN); };  // W of one tile
+  cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, std::vector<acc_t>& scratch) {
+    acc_t* Wt = scratch.data();
+    const int64_t b = task / T, j = task % T;
+    const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+    for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
+      const int64_t nb = std::min(kTileN, c1 - n0);
+      const acc_t* Ft = f_ptr + b * C * N + n0;
+      acc_t* D = gp_ptr + b * K * N + n0;
+      // D (K x nb) = dR^T (K x C) . F_tile (C x nb)
+      cpu::gemm_nn<acc_t>(K, C, nb, drt_ptr + b * K * C, C, Ft, N, D, N);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = b * K + k;
+        dp_ptr[task * K + k] +=
+            weights_dot(p_ptr + row * N + n0, s, lse_ptr[2 * row], lse_ptr[2 * row + 1],
+                        D + k * N, Wt + k * kTileN, nb);
       }
+      // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
+      cpu::gemm_nn<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, kTileN, gf_ptr + b * C * N + n0,
+                          N);
     }
   });
 
