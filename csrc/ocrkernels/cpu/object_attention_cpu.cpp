@@ -7,18 +7,18 @@
 //   Ctx = relu(values A)                   (C x nt), out_project folded onto the K values
 //   Out = relu(Wctx Ctx + Wx X + b)        (C x nt), the concat conv split in two
 // Every intermediate lives in per-thread tile buffers; only Out is written to memory. Tiles are
-// independent, so the result does not depend on the thread count. BN-folded weights come from
-// Python (ocrkernels/modules.py); bias and ReLU run in the GEMM epilogues.
+// independent and handed to threads one at a time, so the result does not depend on the thread
+// count. BN-folded weights come from Python (ocrkernels/modules.py); bias and ReLU run in the
+// GEMM epilogues.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/online_softmax.h"
 #include "gemm_kernels.h"
+#include "parallel.h"
 
 namespace ocrkernels {
 namespace {
@@ -57,12 +57,8 @@ OCR_DISPATCH(void, column_softmax_f32, column_softmax_body<float>,
 
 template <typename T>
 void column_softmax(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax, T* colsum) {
-  column_softmax_body<T>(S, K, nt, ld, colmax, colsum);
-}
-template <>
-void column_softmax<float>(float* S, int64_t K, int64_t nt, int64_t ld, float* colmax,
-                           float* colsum) {
-  column_softmax_f32(S, K, nt, ld, colmax, colsum);
+  if constexpr (std::is_same_v<T, float>) column_softmax_f32(S, K, nt, ld, colmax, colsum);
+  else column_softmax_body<T>(S, K, nt, ld, colmax, colsum);
 }
 
 void check_args(const at::Tensor& feats, const at::Tensor& qw1, const at::Tensor& qb1,
@@ -135,23 +131,27 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
   T* out_p = out.data_ptr<T>();
   const int64_t tiles = (N + kTile - 1) / kTile;
 
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> q1(D * kTile), q2(D * kTile), s(K * kTile), ctx(C * kTile), col(2 * kTile);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tiles, n0 = (task % tiles) * kTile;
-      const int64_t nt = std::min(kTile, N - n0);
-      const T* xt = x_ptr + b * C * N + n0;  // (C, nt), row stride N
-      T* ot = out_p + b * C * N + n0;
-      cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xt, N, q1.data(), kTile, {qb1_p, true, false});
-      cpu::gemm_nn<T>(D, D, nt, qw2_p, D, q1.data(), kTile, q2.data(), kTile,
-                      {qb2_p, true, false});
-      cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, q2.data(), kTile, s.data(), kTile);
-      column_softmax<T>(s.data(), K, nt, kTile, col.data(), col.data() + kTile);
-      cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, s.data(), kTile, ctx.data(), kTile,
-                      {nullptr, true, false});
-      cpu::gemm_nn<T>(C, C, nt, wx_p, C, xt, N, ot, N);
-      cpu::gemm_nn<T>(C, C, nt, wctx_p, C, ctx.data(), kTile, ot, N, {bout_p, true, true});
-    }
+  struct Scratch {
+    std::vector<T> q1, q2, s, ctx, col;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<T>(D * kTile), std::vector<T>(D * kTile), std::vector<T>(K * kTile),
+                   std::vector<T>(C * kTile), std::vector<T>(2 * kTile)};
+  };
+  cpu::parallel_tasks(B * tiles, make_scratch, [&](int64_t task, Scratch& w) {
+    const int64_t b = task / tiles, n0 = (task % tiles) * kTile;
+    const int64_t nt = std::min(kTile, N - n0);
+    const T* xt = x_ptr + b * C * N + n0;  // (C, nt), row stride N
+    T* ot = out_p + b * C * N + n0;
+    cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xt, N, w.q1.data(), kTile, {qb1_p, true, false});
+    cpu::gemm_nn<T>(D, D, nt, qw2_p, D, w.q1.data(), kTile, w.q2.data(), kTile,
+                    {qb2_p, true, false});
+    cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, w.q2.data(), kTile, w.s.data(), kTile);
+    column_softmax<T>(w.s.data(), K, nt, kTile, w.col.data(), w.col.data() + kTile);
+    cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), kTile, w.ctx.data(), kTile,
+                    {nullptr, true, false});
+    cpu::gemm_nn<T>(C, C, nt, wx_p, C, xt, N, ot, N);
+    cpu::gemm_nn<T>(C, C, nt, wctx_p, C, w.ctx.data(), kTile, ot, N, {bout_p, true, true});
   });
   return out.to(feats.scalar_type()).view({B, C, H, W});
 }

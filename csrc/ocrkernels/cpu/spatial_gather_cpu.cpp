@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -89,24 +90,6 @@ OCR_LOOP_BODY T weights_dot_body(const T* x, T s, T m, T logl, const T* d, T* w_
   return sum;
 }
 
-// fp64 runs the bodies as they are; fp32 through the AVX2 / baseline dispatch.
-template <typename T>
-T scaled_max(const T* x, T s, int64_t n) {
-  return scaled_max_body(x, s, n);
-}
-template <typename T>
-T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
-  return exp_shifted_body(x, s, shift, out, n);
-}
-template <typename T>
-void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
-  softmax_grad_body(x, s, m, logl, delta, d, n);
-}
-template <typename T>
-T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
-  return weights_dot_body(x, s, m, logl, d, w_out, n);
-}
-
 OCR_DISPATCH(float, scaled_max_f32, scaled_max_body<float>,
              (const float* x, float s, int64_t n), (x, s, n))
 OCR_DISPATCH(float, exp_shifted_f32, exp_shifted_body<float>,
@@ -120,23 +103,26 @@ OCR_DISPATCH(float, weights_dot_f32, weights_dot_body<float>,
               int64_t n),
              (x, s, m, logl, d, w_out, n))
 
-template <>
-float scaled_max<float>(const float* x, float s, int64_t n) {
-  return scaled_max_f32(x, s, n);
+// fp32 goes through the AVX2 / baseline dispatch; fp64 runs the bodies as they are.
+template <typename T>
+T scaled_max(const T* x, T s, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return scaled_max_f32(x, s, n);
+  else return scaled_max_body(x, s, n);
 }
-template <>
-float exp_shifted<float>(const float* x, float s, float shift, float* out, int64_t n) {
-  return exp_shifted_f32(x, s, shift, out, n);
+template <typename T>
+T exp_shifted(const T* x, T s, T shift, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return exp_shifted_f32(x, s, shift, out, n);
+  else return exp_shifted_body(x, s, shift, out, n);
 }
-template <>
-void softmax_grad<float>(const float* x, float s, float m, float logl, float delta, float* d,
-                         int64_t n) {
-  softmax_grad_f32(x, s, m, logl, delta, d, n);
+template <typename T>
+void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) softmax_grad_f32(x, s, m, logl, delta, d, n);
+  else softmax_grad_body(x, s, m, logl, delta, d, n);
 }
-template <>
-float weights_dot<float>(const float* x, float s, float m, float logl, const float* d,
-                         float* w_out, int64_t n) {
-  return weights_dot_f32(x, s, m, logl, d, w_out, n);
+template <typename T>
+T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return weights_dot_f32(x, s, m, logl, d, w_out, n);
+  else return weights_dot_body(x, s, m, logl, d, w_out, n);
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) {
