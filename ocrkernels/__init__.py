@@ -9,6 +9,7 @@ See :mod:`ocrkernels.ops` for the backends and :mod:`ocrkernels.reference` for t
 """
 
 from . import reference
+from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
 from .ops import BACKENDS, available_backends, resolve_backend, spatial_gather
 
@@ -20,7 +21,9 @@ __all__ = [
     "OCRHead",
     "ObjectAttention",
     "SpatialGather",
+    "SyncBatchNorm",
     "available_backends",
+    "convert_sync_batchnorm",
     "reference",
     "resolve_backend",
     "spatial_gather",

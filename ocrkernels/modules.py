@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
+from .attention_train import object_attention_train
+from .batchnorm import check_trainable_bn, sync_group, update_running_stats
 
 __all__ = ["ConvBNReLU", "SpatialGather", "ObjectAttention", "OCRHead"]
 
@@ -67,8 +69,11 @@ class ObjectAttention(nn.Module):
         in_channels: C, the pixel-feature channels.
         channels: D, the key/query/value channels.
         fused: in eval mode without autograd, run the fused per-pixel kernel (BatchNorm folded,
-            out_project applied to the K values, the concat never built). Training and
-            gradient-enabled calls run the reference.
+            out_project applied to the K values, the concat never built). In training mode, run
+            :mod:`ocrkernels.attention_train`: exact batch-statistics BatchNorm (SyncBatchNorm
+            too, on any device), out_project on the K values, and backward by recomputation, so
+            only the input features are kept for backward. Eval-mode calls with autograd
+            enabled run the reference.
     """
 
     def __init__(self, in_channels: int, channels: int, fused: bool = True):
@@ -93,12 +98,46 @@ class ObjectAttention(nn.Module):
             raise ValueError(f"ObjectAttention: regions must have shape (B, C, K, 1) = "
                              f"({feats.shape[0]}, {self.in_channels}, K, 1), got "
                              f"{tuple(regions.shape)}")
+        if self.fused and self.training and self._can_train_fused():
+            return self._fused_train(feats, regions)
         if (self.fused and not self.training and not torch.is_grad_enabled()
                 and ops.resolve_backend("auto", feats.device) == "cpu"):
             return self._fused_eval(feats, regions)
         return reference.object_attention(feats, regions, self.query_project, self.key_project,
                                           self.value_project, self.out_project, self.bottleneck,
                                           self.channels)
+
+    def _pixel_cbrs(self) -> tuple[ConvBNReLU, ...]:
+        return (self.query_project[0], self.query_project[1], self.out_project, self.bottleneck)
+
+    def _can_train_fused(self) -> bool:
+        return (not ops.reference_forced()
+                and all(check_trainable_bn(cbr.bn) for cbr in self._pixel_cbrs()))
+
+    def _fused_train(self, feats: Tensor, regions: Tensor) -> Tensor:
+        """Training mode: batch statistics, backward by recomputation (no pixel map saved)."""
+        dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        B, C, H, W = feats.shape
+        q1, q2, up, cat = self._pixel_cbrs()
+        key = self.key_project(regions).flatten(2).to(dtype)  # B, D, K
+        value = self.value_project(regions).flatten(2).to(dtype)  # B, D, K
+        keys = key.transpose(1, 2) * self.channels ** -0.5  # B, K, D
+        # Exact before up's BatchNorm: W_out (A . value) = A . (W_out value).
+        values = torch.matmul(up.conv.weight.flatten(1).to(dtype), value)  # B, C, K
+        w_cat = cat.conv.weight.flatten(1).to(dtype)
+        bns = [cbr.bn for cbr in (q1, q2, up, cat)]
+        params = []
+        for bn in bns:
+            params += [bn.weight.to(dtype), bn.bias.to(dtype)]
+        out, running = object_attention_train(
+            feats.reshape(B, C, H * W).to(dtype).contiguous(),
+            q1.conv.weight.flatten(1).to(dtype), *params[0:2],
+            q2.conv.weight.flatten(1).to(dtype), *params[2:4],
+            keys, values, *params[4:6], w_cat[:, :C], w_cat[:, C:], *params[6:8],
+            eps=[bn.eps for bn in bns], groups=[sync_group(bn) for bn in bns])
+        for i, bn in enumerate(bns):
+            update_running_stats(bn, running[2 * i], running[2 * i + 1])
+        return out.view(B, C, H, W).to(feats.dtype)
 
     def _fused_eval(self, feats: Tensor, regions: Tensor) -> Tensor:
         """The per-pixel chain in one kernel; the K-column projections stay in PyTorch."""

@@ -69,6 +69,11 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def reference_forced() -> bool:
+    """True when ``OCRKERNELS_BACKEND=reference`` asks for the plain-PyTorch path everywhere."""
+    return os.environ.get(BACKEND_ENV) == "reference"
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on tensors of `device`, in the order ``auto`` prefers them."""
     device = torch.device(device)
@@ -181,6 +186,30 @@ def _register_fakes() -> None:
           out_w_feats, out_b):
         torch._check(feats.dim() == 4, lambda: "object_attention_eval: feats must be (B, C, H, W)")
         return feats.new_empty(feats.shape)
+
+    @torch.library.register_fake("ocrkernels::pixel_matmul")
+    def _(weight, x, weight2=None, x2=None):
+        torch._check(weight.dim() == 2 and x.dim() == 3 and x.shape[1] == weight.shape[1],
+                     lambda: "pixel_matmul: weight must be (M, J) and x (B, J, N)")
+        return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+
+    @torch.library.register_fake("ocrkernels::pixel_matmul_nt")
+    def _(a, y):
+        torch._check(a.dim() == 3 and y.dim() == 3,
+                     lambda: "pixel_matmul_nt: a must be (B, M, N) and y (B, J, N)")
+        return a.new_empty((a.shape[1], y.shape[1]))
+
+    @torch.library.register_fake("ocrkernels::bn_relu")
+    def _(z, mean, scale, beta):
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("ocrkernels::bn_relu_backward_reduce")
+    def _(dh, z, mean, invstd, scale, beta):
+        return z.new_empty((2, z.shape[1]))
+
+    @torch.library.register_fake("ocrkernels::bn_relu_backward_apply")
+    def _(dh, z, mean, invstd, scale, beta, sums, count):
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 _KERNEL_KEYS = _kernel_keys()

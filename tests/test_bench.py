@@ -38,18 +38,20 @@ def test_quick_bench_writes_json(tmp_path):
 
 
 @pytest.mark.skipif(not ocrkernels.ops.extension_loaded(), reason="ocrkernels._C is not built")
-def test_quick_bench_forward_only_op(tmp_path):
+def test_quick_bench_object_attention_eval_and_training(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-compile", "--repeat", "1",
-         "--warmup", "0", "--ops", "object_attention", "--modes", "fwd,fwd+bwd", "--json",
+         "--warmup", "0", "--ops", "object_attention", "--shapes", "cityscapes", "--json",
          str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "fwd+bwd skipped" in proc.stderr and "fp32 matmul rate:" in proc.stdout
+    assert "fp32 matmul rate:" in proc.stdout and "WARNING" not in proc.stderr
     rows = json.loads(out.read_text())
     assert {(r["op"], r["impl"], r["mode"]) for r in rows} == {
-        ("object_attention", "cpu", "fwd"), ("object_attention", "reference", "fwd")}
+        ("object_attention", impl, mode) for impl in ("cpu", "reference")
+        for mode in ("fwd", "fwd+bwd")}
     for r in rows:
-        assert KEYS <= set(r) and r["saved_bytes"] is None  # runs without autograd
-        assert r["gflops"] > 0 and r["fraction_of_matmul"] > 0
+        assert KEYS <= set(r) and r["gflops"] > 0 and r["fraction_of_matmul"] > 0
+    saved = {r["impl"]: r["saved_bytes"] for r in rows if r["mode"] == "fwd+bwd"}
+    assert 0 < 8 * saved["cpu"] <= saved["reference"]

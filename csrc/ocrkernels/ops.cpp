@@ -25,4 +25,28 @@ TORCH_LIBRARY(ocrkernels, m) {
       "object_attention_eval(Tensor feats, Tensor query_w1, Tensor query_b1, Tensor query_w2, "
       "Tensor query_b2, Tensor keys, Tensor values, Tensor out_w_context, Tensor out_w_feats, "
       "Tensor out_b) -> Tensor");
+  // The GEMMs of the training-mode attention (ocrkernels/attention_train.py), over pixel maps
+  // laid out (B, channels, N), float32 or float64:
+  //   pixel_matmul: out[b] = weight . x[b]  (+ weight2 . x2[b] when given), weight (M, J),
+  //                 x (B, J, N) -> (B, M, N); pixel tiles in parallel, weights in cache.
+  //   pixel_matmul_nt: sum_b a[b] . y[b]^T, a (B, M, N), y (B, J, N) -> (M, J): the weight
+  //                 gradient of a 1x1 conv, reduced over fixed pixel chunks in a fixed order.
+  m.def(
+      "pixel_matmul(Tensor weight, Tensor x, Tensor? weight2=None, Tensor? x2=None) -> Tensor");
+  m.def("pixel_matmul_nt(Tensor a, Tensor y) -> Tensor");
+  // Training-mode BatchNorm + ReLU over (B, ch, N) maps, float32 or float64, per channel
+  // vectors of length ch. The forward and the recompute in backward both call bn_relu, so the
+  // ReLU masks agree bit for bit:
+  //   bn_relu:                h = relu((z - mean) * scale + beta), scale = gamma * invstd
+  //   bn_relu_backward_reduce (2, ch) = [sum g, sum g * xhat] over b and n, g = dh * (h > 0),
+  //                           xhat = (z - mean) * invstd (local sums, all-reduced by the caller
+  //                           for SyncBatchNorm)
+  //   bn_relu_backward_apply  dz = (g - sums[0] / count - xhat * sums[1] / count) * scale
+  m.def("bn_relu(Tensor z, Tensor mean, Tensor scale, Tensor beta) -> Tensor");
+  m.def(
+      "bn_relu_backward_reduce(Tensor dh, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
+      "Tensor beta) -> Tensor");
+  m.def(
+      "bn_relu_backward_apply(Tensor dh, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
+      "Tensor beta, Tensor sums, float count) -> Tensor");
 }

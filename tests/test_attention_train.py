@@ -1,0 +1,318 @@
+"""Training-mode fused object attention against the reference block (DESIGN §2, §3)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ocrkernels
+from ocrkernels import attention_train
+from ocrkernels.attention_train import object_attention_train
+from conftest import rel_err
+from test_modules import randomise_batchnorm
+
+needs_ext = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
+                               reason="ocrkernels._C is not built")
+
+# (B, C, D, K, H, W): Cityscapes / ADE20K channel sizes, odd sizes, K=1, B=3
+SHAPES = [
+    (1, 512, 256, 19, 9, 13),
+    (1, 512, 256, 150, 7, 11),
+    (3, 48, 16, 1, 7, 9),
+    (2, 40, 24, 5, 1, 3),
+    (2, 72, 20, 21, 13, 17),
+]
+
+
+def make_pair(C, D, dtype=torch.float32, momentum=0.1):
+    fused = ocrkernels.ObjectAttention(C, D, fused=True).to(dtype).train()
+    for m in fused.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    randomise_batchnorm(fused)
+    ref = copy.deepcopy(fused)
+    ref.fused = False
+    return fused, ref
+
+
+def step(block, feats, regions, grad_out):
+    """One forward + backward; returns (out, d feats, d regions, {param: grad})."""
+    feats = feats.detach().requires_grad_()
+    regions = regions.detach().requires_grad_()
+    out = block(feats, regions)
+    out.backward(grad_out)
+    grads = {name.removeprefix("_orig_mod."): p.grad.detach().clone()
+             for name, p in block.named_parameters() if p.requires_grad}
+    return out.detach(), feats.grad, regions.grad, grads
+
+
+def assert_same_training(fused, ref, feats, regions, tol=1e-4):  # DESIGN §3
+    grad_out = torch.randn(feats.shape, dtype=feats.dtype)
+    got = step(fused, feats, regions, grad_out)
+    want = step(ref, feats, regions, grad_out)
+    assert rel_err(got[0], want[0]) < tol, "output"
+    assert rel_err(got[1], want[1]) < tol, "feats grad"
+    assert rel_err(got[2], want[2]) < tol, "regions grad"
+    assert got[3].keys() == want[3].keys()
+    for name in want[3]:
+        assert rel_err(got[3][name], want[3][name]) < tol, name
+    fused_buffers, ref_buffers = dict(fused.named_buffers()), dict(ref.named_buffers())
+    for name, buf in ref_buffers.items():
+        if buf.dtype == torch.long:
+            assert torch.equal(fused_buffers[name], buf), name
+        else:
+            assert rel_err(fused_buffers[name], buf) < tol, name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_step_matches_reference(shape):
+    B, C, D, K, H, W = shape
+    fused, ref = make_pair(C, D)
+    feats = torch.randn(B, C, H, W) * 2 + 0.5
+    regions = torch.randn(B, C, K, 1)
+    assert_same_training(fused, ref, feats, regions)
+
+
+def test_optimizer_step_then_second_step_match():
+    """Same state -> one SGD step -> the next forward/backward (and running stats) still agree."""
+    fused, ref = make_pair(40, 16)
+    feats, regions = torch.randn(2, 40, 6, 7), torch.randn(2, 40, 4, 1)
+    for block in (fused, ref):
+        opt = torch.optim.SGD(block.parameters(), lr=0.1, momentum=0.9)
+        opt.zero_grad()
+        (block(feats, regions) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for p_f, p_r in zip(fused.parameters(), ref.parameters()):
+        assert rel_err(p_f, p_r) < 1e-5
+    assert_same_training(fused, ref, feats * 0.5, regions)
+
+
+def test_cumulative_running_average_and_non_contiguous_inputs():
+    fused, ref = make_pair(32, 8, momentum=None)
+    feats = torch.randn(2, 9, 11, 32).permute(0, 3, 1, 2)
+    regions = torch.randn(2, 3, 32, 1).permute(0, 2, 1, 3)
+    assert not feats.is_contiguous() and not regions.is_contiguous()
+    for _ in range(2):
+        assert_same_training(fused, ref, feats, regions)
+    assert int(fused.query_project[0].bn.num_batches_tracked) == 2
+
+
+def test_frozen_weights_get_no_gradient_and_the_rest_still_match():
+    fused, ref = make_pair(40, 16)
+    for block in (fused, ref):
+        block.query_project[0].conv.weight.requires_grad_(False)
+        block.bottleneck.conv.weight.requires_grad_(False)
+    assert_same_training(fused, ref, torch.randn(2, 40, 5, 6), torch.randn(2, 40, 3, 1))
+    assert fused.bottleneck.conv.weight.grad is None
+
+
+def test_float64_training_is_exact():
+    fused, ref = make_pair(24, 8, torch.float64)
+    feats = torch.randn(3, 24, 4, 5, dtype=torch.float64)
+    regions = torch.randn(3, 24, 3, 1, dtype=torch.float64)
+    assert_same_training(fused, ref, feats, regions, tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_training_runs_in_float32(dtype):
+    """fp16/bf16 blocks: output error vs float64 at most 2x the reference's in that dtype."""
+    fused, ref = make_pair(32, 16)
+    exact_block = copy.deepcopy(ref).double()
+    feats, regions = torch.randn(2, 32, 5, 6), torch.randn(2, 32, 4, 1)
+    exact = exact_block(feats.double(), regions.double())
+    fused.to(dtype)
+    ref.to(dtype)
+    got = fused(feats.to(dtype), regions.to(dtype))
+    plain = ref(feats.to(dtype), regions.to(dtype))
+    assert got.dtype == dtype
+    assert rel_err(got, exact) <= 2 * rel_err(plain, exact) + torch.finfo(dtype).eps
+
+
+def chain_inputs(B=2, C=6, D=4, K=3, N=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale + offset).requires_grad_()
+
+    return (r(B, C, N), r(D, C, scale=0.5), r(D, offset=1.0), r(D, scale=0.3),
+            r(D, D, scale=0.5), r(D, offset=1.0), r(D, scale=0.3), r(B, K, D), r(B, C, K),
+            r(C, offset=1.0), r(C, scale=0.3), r(C, C, scale=0.3), r(C, C, scale=0.3),
+            r(C, offset=1.0), r(C, scale=0.3))
+
+
+def chain(*args):
+    return object_attention_train(*args, eps=(1e-5,) * 4)[0]
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "torch-ops"])
+def test_gradcheck_float64(monkeypatch, kernels):
+    if kernels and not attention_train._HAS_CPU_OPS:
+        pytest.skip("ocrkernels._C is not built")
+    monkeypatch.setattr(attention_train, "_HAS_CPU_OPS", kernels and attention_train._HAS_CPU_OPS)
+    assert torch.autograd.gradcheck(chain, chain_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_ext
+def test_cpp_and_torch_op_paths_agree(monkeypatch):
+    args = [t.detach().float().requires_grad_() for t in chain_inputs(B=3, C=24, D=8, N=50)]
+    grad = torch.randn(3, 24, 50)
+
+    def run():
+        for t in args:
+            t.grad = None
+        out = chain(*args)
+        out.backward(grad)
+        return [out.detach()] + [t.grad.clone() for t in args]
+
+    fast = run()
+    monkeypatch.setattr(attention_train, "_HAS_CPU_OPS", False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b) < 1e-5
+
+
+def saved_activation_bytes(block, feats, regions) -> int:
+    """Bytes of the tensors autograd keeps for backward, each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(feats.requires_grad_(), regions.requires_grad_())
+    return sum(seen.values())
+
+
+def test_saved_activations_are_an_eighth_of_the_reference():
+    fused, ref = make_pair(512, 256)
+    feats, regions = torch.randn(1, 512, 32, 32), torch.randn(1, 512, 19, 1)
+    ours = saved_activation_bytes(fused, feats.clone(), regions.clone())
+    theirs = saved_activation_bytes(ref, feats.clone(), regions.clone())
+    assert ours * 8 <= theirs, (ours, theirs)
+
+
+def test_backward_is_deterministic():
+    fused, _ = make_pair(48, 16)
+    feats, regions = torch.randn(2, 48, 9, 10), torch.randn(2, 48, 5, 1)
+    grad = torch.randn(2, 48, 9, 10)
+    first = step(fused, feats, regions, grad)
+    for p in fused.parameters():
+        p.grad = None
+    second = step(fused, feats, regions, grad)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(first[3][k], second[3][k]) for k in first[3])
+
+
+def test_compiled_training_step_matches_eager():
+    fused, _ = make_pair(24, 8)
+    eager = copy.deepcopy(fused)
+    feats, regions = torch.randn(2, 24, 5, 6), torch.randn(2, 24, 3, 1)
+    grad = torch.randn(2, 24, 5, 6)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    got = step(compiled, feats, regions, grad)
+    want = step(eager, feats, regions, grad)
+    for a, b in zip(got[:3], want[:3]):
+        assert rel_err(a, b) < 1e-6
+    for name in want[3]:
+        assert rel_err(got[3][name], want[3][name]) < 1e-6, name
+    assert rel_err(fused.bottleneck.bn.running_var, eager.bottleneck.bn.running_var) < 1e-6
+
+
+def test_backend_reference_env_runs_the_reference(monkeypatch):
+    fused, _ = make_pair(16, 8)
+    called = []
+    monkeypatch.setattr(ocrkernels.modules, "object_attention_train",
+                        lambda *a, **k: called.append(1) or object_attention_train(*a, **k))
+    monkeypatch.setenv("OCRKERNELS_BACKEND", "reference")
+    fused(torch.randn(1, 16, 3, 4), torch.randn(1, 16, 2, 1))
+    assert not called
+    monkeypatch.delenv("OCRKERNELS_BACKEND")
+    fused(torch.randn(1, 16, 3, 4), torch.randn(1, 16, 2, 1))
+    assert called
+
+
+# ---- the C++ ops behind it --------------------------------------------------------------
+
+def bn_args(B=2, ch=5, N=37, dtype=torch.float32):
+    z = torch.randn(B, ch, N, dtype=dtype)
+    return (torch.randn(B, ch, N, dtype=dtype), z, torch.randn(ch, dtype=dtype) * 0.1,
+            torch.rand(ch, dtype=dtype) + 0.5, torch.rand(ch, dtype=dtype) + 0.5,
+            torch.randn(ch, dtype=dtype) * 0.2)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_ops_match_torch(dtype):
+    ops = torch.ops.ocrkernels
+    w, x = torch.randn(9, 7, dtype=dtype), torch.randn(2, 7, 131, dtype=dtype)
+    w2, x2 = torch.randn(9, 3, dtype=dtype), torch.randn(2, 3, 131, dtype=dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert rel_err(ops.pixel_matmul(w, x), w @ x) < tol
+    assert rel_err(ops.pixel_matmul(w, x, w2, x2), w @ x + w2 @ x2) < tol
+    a = torch.randn(2, 9, 4100, dtype=dtype)
+    y = torch.randn(2, 7, 4100, dtype=dtype)
+    assert rel_err(ops.pixel_matmul_nt(a, y), (a @ y.transpose(1, 2)).sum(0)) < tol
+    dh, z, mean, invstd, scale, beta = bn_args(dtype=dtype)
+    h = ops.bn_relu(z, mean, scale, beta)
+    col = lambda v: v[:, None]  # noqa: E731
+    assert torch.equal(h, ((z - col(mean)) * col(scale) + col(beta)).clamp_min(0))
+    g = dh * (h > 0)
+    xhat = (z - col(mean)) * col(invstd)
+    sums = ops.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
+    want = torch.stack([g.sum((0, 2)), (g * xhat).sum((0, 2))])
+    assert rel_err(sums, want) < tol
+    dz = ops.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums, 74.0)
+    want_dz = (g - col(sums[0] / 74) - xhat * col(sums[1] / 74)) * col(scale)
+    assert rel_err(dz, want_dz) < tol
+
+
+@needs_ext
+def test_opcheck_training_ops():
+    ops = torch.ops.ocrkernels
+    w, x = torch.randn(9, 7), torch.randn(2, 7, 33)
+    torch.library.opcheck(ops.pixel_matmul.default, (w, x))
+    torch.library.opcheck(ops.pixel_matmul.default, (w, x, torch.randn(9, 4),
+                                                     torch.randn(2, 4, 33)))
+    torch.library.opcheck(ops.pixel_matmul_nt.default, (torch.randn(2, 5, 33), x))
+    dh, z, mean, invstd, scale, beta = bn_args()
+    torch.library.opcheck(ops.bn_relu.default, (z, mean, scale, beta))
+    torch.library.opcheck(ops.bn_relu_backward_reduce.default,
+                          (dh, z, mean, invstd, scale, beta))
+    torch.library.opcheck(ops.bn_relu_backward_apply.default,
+                          (dh, z, mean, invstd, scale, beta, torch.randn(2, 5), 74.0))
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["weight_rank", "x_channels", "dtype", "pair", "x2_batch"])
+def test_pixel_matmul_rejects_bad_arguments(case):
+    w, x = torch.randn(4, 3), torch.randn(2, 3, 5)
+    args, match = {"weight_rank": ((w[0], x), "weight must have shape"),
+                   "x_channels": ((w, x[:, :2]), "x must have shape"),
+                   "dtype": ((w.double(), x), "weight must have dtype"),
+                   "pair": ((w, x, w, None), "given together"),
+                   "x2_batch": ((w, x, w, x[:1]), "x2 must have shape")}[case]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.ocrkernels.pixel_matmul(*args)
+
+
+@needs_ext
+def test_bn_ops_reject_bad_arguments():
+    dh, z, mean, invstd, scale, beta = bn_args()
+    with pytest.raises(RuntimeError, match="mean must have shape"):
+        torch.ops.ocrkernels.bn_relu(z, mean[:-1], scale, beta)
+    with pytest.raises(RuntimeError, match="dh must have shape"):
+        torch.ops.ocrkernels.bn_relu_backward_reduce(dh[:1], z, mean, invstd, scale, beta)
+    with pytest.raises(RuntimeError, match="sums must have shape"):
+        torch.ops.ocrkernels.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta,
+                                                    torch.zeros(5), 3.0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.ocrkernels.bn_relu(z.half(), mean.half(), scale.half(), beta.half())
+    with pytest.raises(RuntimeError, match="pixel_matmul_nt: y must have shape"):
+        torch.ops.ocrkernels.pixel_matmul_nt(z, z[:, :, :3])
