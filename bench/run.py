@@ -75,6 +75,7 @@ TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9,
              torch.float16: 1e-2, torch.bfloat16: 5e-2}
 EAGER = "reference"  # the backend every "vs eager" ratio refers to; always measured
 COMPILED = "compiled"
+RECOMPUTE = "cpu-recompute"  # object_attention training with ObjectAttention.recompute=True
 DEFAULT_REPEAT, DEFAULT_WARMUP = 15, 3
 QUICK_REPEAT, QUICK_WARMUP = 5, 1
 # (M, K, N) of the fp32 torch.mm whose rate the "of matmul" column refers to
@@ -99,6 +100,8 @@ class OpFns:
     # impl name -> parameters that mode fwd+bwd also differentiates (a training step of a
     # module); () for functional ops. The compiled reference shares the eager reference's.
     params: Callable[[str], tuple[Tensor, ...]] = lambda impl: ()
+    # impl name -> the only modes it runs in (an impl that differs from another only there)
+    only_modes: dict[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,20 +208,25 @@ def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> 
     _randomise_batchnorm(block)
     reference = copy.deepcopy(block).to(device=device, dtype=dtype)
     reference.fused = False  # plain PyTorch
+    # eval: the fused C++ kernel ("auto" resolves to "cpu"); training: attention_train, keeping
+    # the pre-activations ("cpu") or recomputing them in backward ("cpu-recompute")
     fused = copy.deepcopy(reference)
-    # eval: the fused C++ kernel ("auto" resolves to "cpu"); training: the recompute path
     fused.fused = True
-    calls = {EAGER: _eval_or_train_call(reference), "cpu": _eval_or_train_call(fused)}
+    recompute = copy.deepcopy(fused)
+    recompute.recompute = True
+    calls = {EAGER: _eval_or_train_call(reference), "cpu": _eval_or_train_call(fused),
+             RECOMPUTE: _eval_or_train_call(recompute)}
     return OpFns(reference=calls[EAGER], call_backend=calls.__getitem__,
                  reference64=_eval_or_train_call(copy.deepcopy(reference).double()),
-                 params=lambda impl: tuple(calls[impl].train_block.parameters()))
+                 params=lambda impl: tuple(calls[impl].train_block.parameters()),
+                 only_modes={RECOMPUTE: ("fwd+bwd",)})
 
 
 def _object_attention_backends(device: torch.device) -> list[str]:
     # block.fused = True runs the fused kernel only where "auto" resolves to the C++ CPU
     # backend; elsewhere it would silently run the reference, so there is no other backend.
     if ocrkernels.resolve_backend("auto", device) == "cpu":
-        return ["cpu", EAGER]
+        return ["cpu", RECOMPUTE, EAGER]
     return [EAGER]
 
 
@@ -506,10 +514,12 @@ def bench_shape(op: OpSpec, shape: dict, backends: list[str], modes: list[str],
     impls, saved = check_impls(op, shape_str, impls, fns, inputs, grad_out, notes)
 
     rows = []
+    only = fns.only_modes or {}
     for mode in modes:
-        steps = {i.name: make_step(i.fn, inputs, grad_out, mode, i.params) for i in impls}
+        here = [i for i in impls if mode in only.get(i.name, MODES)]
+        steps = {i.name: make_step(i.fn, inputs, grad_out, mode, i.params) for i in here}
         what = f"{op.name} {shape_str} {mode}"
-        mode_impls = first_calls(impls, steps, what, sync)
+        mode_impls = first_calls(here, steps, what, sync)
         log(f"[{what}] timing {', '.join(i.name for i in mode_impls)}: "
             f"{warmup} warm-up + {repeat} rounds")
         medians = time_interleaved({i.name: steps[i.name] for i in mode_impls},
@@ -666,7 +676,7 @@ def comma_list(choices: tuple[str, ...] | None = None) -> Callable[[str], list[s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape_names = tuple(sorted({n for op in OPS.values() for n in op.shapes}))
-    backend_names = tuple(b for b in ocrkernels.BACKENDS if b != "auto")
+    backend_names = tuple(b for b in ocrkernels.BACKENDS if b != "auto") + (RECOMPUTE,)
     own_repeat = ", ".join(f"{op.name}: {op.repeat}" for op in OPS.values() if op.repeat)
     own_warmup = ", ".join(f"{op.name}: {op.warmup}" for op in OPS.values()
                            if op.warmup is not None)

@@ -1,4 +1,4 @@
-"""Training-mode pixel-region attention: batch-statistics BatchNorm, exact, in recompute mode.
+"""Training-mode pixel-region attention: batch-statistics BatchNorm, exact.
 
 The per-pixel chain of the block (x: (B, C, N) pixel features, N = H*W), with every BatchNorm
 using the statistics of the (possibly distributed) batch:
@@ -9,15 +9,18 @@ using the statistics of the (possibly distributed) batch:
     z3 = values A          c  = relu(bn3(z3))          C channels   values = W_out value: (B, C, K)
     z4 = Wc c + Wx x       out = relu(bn4(z4))         C channels   bottleneck, concat split
 
-``values = W_out value`` is exact before bn3 because every column of A sums to one: the
+``values = W_out value`` is exact (associativity; out_project's conv has no bias): the
 up-projection acts on the K value vectors, not on every pixel. Between the stages the statistics
-are taken (and all-reduced for SyncBatchNorm) before the next stage applies BN + ReLU.
+are taken (and all-reduced for SyncBatchNorm) before the next stage applies BN + ReLU. Backward
+forms the exact BatchNorm gradients, with the per-channel gradient sums all-reduced for
+SyncBatchNorm as ``torch.nn.SyncBatchNorm`` does.
 
-Only x, the weights, the K-column keys/values and the per-channel statistics are saved for
-backward; backward recomputes z1..z4 from them (bit-identical to the forward) and forms the exact
-BatchNorm gradients, with the per-channel gradient sums all-reduced for SyncBatchNorm as
-``torch.nn.SyncBatchNorm`` does. The saved activations shrink from about 4.4k floats per pixel
-(reference) to the C floats of x.
+What is kept for backward (the reference keeps about 3.9k floats per pixel besides x, for
+C=512, D=256, K=19):
+- default: z1, z2, A, z3, z4 (2D + K + 2C, about 1.6k floats per pixel); the post-activations
+  are recomputed from them in one cheap pass each;
+- ``recompute=True``: only x, the K-column keys/values and the per-channel statistics; backward
+  recomputes z1..z4 (bit-identical to the forward), one more forward of FLOPs.
 """
 
 from __future__ import annotations
@@ -135,7 +138,16 @@ class _Forward:
 class _ObjectAttentionTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b4,
-                eps, groups):
+                eps, groups, recompute):
+        # The chain runs in the dtype it is given (float32/float64), also under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            return _ObjectAttentionTrain._forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values,
+                                                  g3, b3, wc, wx, g4, b4, eps, groups,
+                                                  recompute)
+
+    @staticmethod
+    def _forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b4,
+                 eps, groups, recompute):
         gammas, betas = (g1, g2, g3, g4), (b1, b2, b3, b4)
         f = _Forward(x, w1, w2, keys, values, wc, wx)
         means, invstds, running, counts = [], [], [], []
@@ -149,24 +161,37 @@ class _ObjectAttentionTrain(torch.autograd.Function):
             running.extend([stats.mean, stats.unbiased_var()])
             return _bn_relu(z, stats.mean, gammas[i] * invstd, betas[i])
 
-        h1 = normalise(f.stage1(), 0)  # each z is freed once normalised
-        h2 = normalise(f.stage2(h1), 1)
+        # With recompute, each z is freed once normalised; otherwise the pre-activations and
+        # the attention are kept (the post-activations are one cheap pass away from them).
+        z1 = f.stage1()
+        h1 = normalise(z1, 0)
+        z2 = f.stage2(h1)
+        h2 = normalise(z2, 1)
         del h1
-        _, z3 = f.stage3(h2)
+        attn, z3 = f.stage3(h2)
         del h2
-        out = normalise(f.stage4(normalise(z3, 2)), 3)
+        z4 = f.stage4(normalise(z3, 2))
+        out = normalise(z4, 3)
+        kept = () if recompute else (z1, z2, attn, z3, z4)
+        del z1, z2, attn, z3, z4
 
         ctx.save_for_backward(x, w1, w2, keys, values, wc, wx, *gammas, *betas, *means,
-                              *invstds)
-        ctx.counts, ctx.groups = counts, groups
+                              *invstds, *kept)
+        ctx.counts, ctx.groups, ctx.recompute = counts, groups, recompute
         running = [t.detach() for t in running]
         ctx.mark_non_differentiable(*running)
         return (out, *running)
 
     @staticmethod
     def backward(ctx, dout, *_):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ObjectAttentionTrain._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         x, w1, w2, keys, values, wc, wx, *rest = ctx.saved_tensors
         gammas, betas, means, invstds = rest[0:4], rest[4:8], rest[8:12], rest[12:16]
+        kept = rest[16:]
         f = _Forward(x, w1, w2, keys, values, wc, wx)
 
         def act(z: Tensor, i: int) -> Tensor:
@@ -176,14 +201,18 @@ class _ObjectAttentionTrain(torch.autograd.Function):
             return _bn_relu_backward(dh, z, means[i], invstds[i], gammas[i], betas[i],
                                      ctx.counts[i], ctx.groups[i])
 
-        # Recompute the chain with the forward's statistics.
-        z1 = f.stage1()
-        h1 = act(z1, 0)
-        z2 = f.stage2(h1)
-        h2 = act(z2, 1)
-        attn, z3 = f.stage3(h2)
-        c = act(z3, 2)
-        z4 = f.stage4(c)
+        if ctx.recompute:  # the chain again, with the forward's statistics
+            z1 = f.stage1()
+            h1 = act(z1, 0)
+            z2 = f.stage2(h1)
+            h2 = act(z2, 1)
+            attn, z3 = f.stage3(h2)
+            c = act(z3, 2)
+            z4 = f.stage4(c)
+        else:
+            z1, z2, attn, z3, z4 = kept
+            h1, h2, c = act(z1, 0), act(z2, 1), act(z3, 2)
+        del kept
 
         # Weight gradients are skipped when nobody asks for them (frozen weights, or autograd
         # asked only for input gradients): they are a third of the backward's FLOPs.
@@ -216,14 +245,14 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         dw1 = wgrad(1, dz1, x)
         dx += _nn(w1.t().contiguous(), dz1)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dkeys, dvalues, dg3, db3, dwc, dwx, dg4, db4,
-                None, None)
+                None, None, None)
 
 
 def object_attention_train(x: Tensor, w1: Tensor, g1: Tensor, b1: Tensor, w2: Tensor,
                            g2: Tensor, b2: Tensor, keys: Tensor, values: Tensor, g3: Tensor,
                            b3: Tensor, wc: Tensor, wx: Tensor, g4: Tensor, b4: Tensor,
                            eps: tuple[float, float, float, float],
-                           groups: tuple = (None, None, None, None)
+                           groups: tuple = (None, None, None, None), recompute: bool = False
                            ) -> tuple[Tensor, list[Tensor]]:
     """The per-pixel chain in training mode.
 
@@ -235,11 +264,16 @@ def object_attention_train(x: Tensor, w1: Tensor, g1: Tensor, b1: Tensor, w2: Te
             applied to the value vectors (before its BatchNorm).
         wc, wx: (C, C) halves of the bottleneck conv weight (context part, feature part).
         eps: the four BatchNorms' eps. groups: process group per BatchNorm, None for local.
+        recompute: keep only x (and per-channel statistics) for backward and recompute the
+            chain there (about 1/9 of the reference's saved activations, one more forward of
+            FLOPs); otherwise keep the pre-activations z1..z4 and the attention (about 2/5 of
+            the reference's, no extra FLOPs).
 
     Returns:
         out (B, C, N) and [mean1, unbiased_var1, ..., mean4, unbiased_var4], the batch statistics
         the running buffers are updated with.
     """
     out, *running = _ObjectAttentionTrain.apply(x, w1, g1, b1, w2, g2, b2, keys, values, g3,
-                                                b3, wc, wx, g4, b4, tuple(eps), tuple(groups))
+                                                b3, wc, wx, g4, b4, tuple(eps), tuple(groups),
+                                                bool(recompute))
     return out, running

@@ -203,6 +203,10 @@ def _register_fakes() -> None:
     def _(z, mean, scale, beta):
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("ocrkernels::batch_var_mean")
+    def _(z):
+        return z.new_empty((z.shape[1],)), z.new_empty((z.shape[1],))
+
     @torch.library.register_fake("ocrkernels::bn_relu_backward_reduce")
     def _(dh, z, mean, invstd, scale, beta):
         return z.new_empty((2, z.shape[1]))

@@ -7,6 +7,8 @@ import torch
 import ocrkernels
 
 PER_RANK = 2
+# fused keeping the activations, fused recomputing them, the plain-PyTorch reference
+MODES = ("fused", "recompute", "reference")
 C_IN, K, H, W = 24, 5, 9, 11
 
 

@@ -3,15 +3,14 @@
     torchrun --nproc_per_node=2 tests/sync_step.py OUT_DIR
 
 Every rank builds the same head, converts it with ``ocrkernels.convert_sync_batchnorm`` (torch's
-SyncBatchNorm refuses CPU modules), wraps it in DistributedDataParallel (gloo, CPU) and takes one SGD step on its slice of a fixed
-global batch, once with ``fused=True`` and once with ``fused=False``. Each rank saves what it saw
-to OUT_DIR/rank{r}.pt; tests/test_sync_batchnorm.py compares the ranks with each other and with
+SyncBatchNorm refuses CPU modules), wraps it in DistributedDataParallel (gloo, CPU) and takes
+one SGD step on its slice of a fixed global batch, once per mode of ``sync_setup.MODES``
+(fused, fused with recompute, reference). Each rank saves what it saw to OUT_DIR/rank{r}.pt; tests/test_sync_batchnorm.py compares the ranks with each other and with
 one process stepping on the whole batch with plain BatchNorm (which SyncBN + DDP must equal).
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import ocrkernels
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sync_setup import PER_RANK, make_batch, make_head, snapshot  # noqa: E402
+from sync_setup import MODES, PER_RANK, make_batch, make_head, snapshot  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -32,9 +31,10 @@ def main(out_dir: str) -> None:
     feats, coarse, labels = make_batch(world)
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     results = {}
-    for fused in (True, False):
+    for mode in MODES:
         head = make_head()
-        head.fused = fused
+        head.fused = mode != "reference"
+        head.object_context_block.recompute = mode == "recompute"
         model = DistributedDataParallel(ocrkernels.convert_sync_batchnorm(head).train())
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         x = feats[rows].clone().requires_grad_()
@@ -44,7 +44,7 @@ def main(out_dir: str) -> None:
         opt.step()
         with torch.no_grad():
             second = model(feats[rows], coarse[rows])
-        results[fused] = snapshot(head, out, x.grad, grads, second)
+        results[mode] = snapshot(head, out, x.grad, grads, second)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -26,8 +26,8 @@ SHAPES = [
 ]
 
 
-def make_pair(C, D, dtype=torch.float32, momentum=0.1):
-    fused = ocrkernels.ObjectAttention(C, D, fused=True).to(dtype).train()
+def make_pair(C, D, dtype=torch.float32, momentum=0.1, recompute=False):
+    fused = ocrkernels.ObjectAttention(C, D, fused=True, recompute=recompute).to(dtype).train()
     for m in fused.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = momentum
@@ -66,10 +66,11 @@ def assert_same_training(fused, ref, feats, regions, tol=1e-4):  # DESIGN §3
             assert rel_err(fused_buffers[name], buf) < tol, name
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_training_step_matches_reference(shape):
+def test_training_step_matches_reference(shape, recompute):
     B, C, D, K, H, W = shape
-    fused, ref = make_pair(C, D)
+    fused, ref = make_pair(C, D, recompute=recompute)
     feats = torch.randn(B, C, H, W) * 2 + 0.5
     regions = torch.randn(B, C, K, 1)
     assert_same_training(fused, ref, feats, regions)
@@ -91,7 +92,7 @@ def test_optimizer_step_then_second_step_match():
 
 
 def test_cumulative_running_average_and_non_contiguous_inputs():
-    fused, ref = make_pair(32, 8, momentum=None)
+    fused, ref = make_pair(32, 8, momentum=None, recompute=True)
     feats = torch.randn(2, 9, 11, 32).permute(0, 3, 1, 2)
     regions = torch.randn(2, 3, 32, 1).permute(0, 2, 1, 3)
     assert not feats.is_contiguous() and not regions.is_contiguous()
@@ -109,8 +110,9 @@ def test_frozen_weights_get_no_gradient_and_the_rest_still_match():
     assert fused.bottleneck.conv.weight.grad is None
 
 
-def test_float64_training_is_exact():
-    fused, ref = make_pair(24, 8, torch.float64)
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_float64_training_is_exact(recompute):
+    fused, ref = make_pair(24, 8, torch.float64, recompute=recompute)
     feats = torch.randn(3, 24, 4, 5, dtype=torch.float64)
     regions = torch.randn(3, 24, 3, 1, dtype=torch.float64)
     assert_same_training(fused, ref, feats, regions, tol=1e-12)
@@ -143,16 +145,18 @@ def chain_inputs(B=2, C=6, D=4, K=3, N=7, dtype=torch.float64):
             r(C, offset=1.0), r(C, scale=0.3))
 
 
-def chain(*args):
-    return object_attention_train(*args, eps=(1e-5,) * 4)[0]
+def chain(*args, recompute=False):
+    return object_attention_train(*args, eps=(1e-5,) * 4, recompute=recompute)[0]
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "torch-ops"])
-def test_gradcheck_float64(monkeypatch, kernels):
+def test_gradcheck_float64(monkeypatch, kernels, recompute):
     if kernels and not attention_train._HAS_CPU_OPS:
         pytest.skip("ocrkernels._C is not built")
     monkeypatch.setattr(attention_train, "_HAS_CPU_OPS", kernels and attention_train._HAS_CPU_OPS)
-    assert torch.autograd.gradcheck(chain, chain_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda *a: chain(*a, recompute=recompute), chain_inputs(),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @needs_ext
@@ -190,16 +194,20 @@ def saved_activation_bytes(block, feats, regions) -> int:
     return sum(seen.values())
 
 
-def test_saved_activations_are_an_eighth_of_the_reference():
-    fused, ref = make_pair(512, 256)
+@pytest.mark.parametrize("recompute,fraction", [(True, 1 / 8), (False, 1 / 2)],
+                         ids=["recompute", "keep"])
+def test_saved_activations_against_the_reference(recompute, fraction):
+    """Recompute mode: at most 1/8 of the reference's saved activations (DESIGN §5)."""
+    fused, ref = make_pair(512, 256, recompute=recompute)
     feats, regions = torch.randn(1, 512, 32, 32), torch.randn(1, 512, 19, 1)
     ours = saved_activation_bytes(fused, feats.clone(), regions.clone())
     theirs = saved_activation_bytes(ref, feats.clone(), regions.clone())
-    assert ours * 8 <= theirs, (ours, theirs)
+    assert ours <= fraction * theirs, (ours, theirs)
 
 
-def test_backward_is_deterministic():
-    fused, _ = make_pair(48, 16)
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_backward_is_deterministic(recompute):
+    fused, _ = make_pair(48, 16, recompute=recompute)
     feats, regions = torch.randn(2, 48, 9, 10), torch.randn(2, 48, 5, 1)
     grad = torch.randn(2, 48, 9, 10)
     first = step(fused, feats, regions, grad)
@@ -260,6 +268,10 @@ def test_cpp_ops_match_torch(dtype):
     y = torch.randn(2, 7, 4100, dtype=dtype)
     assert rel_err(ops.pixel_matmul_nt(a, y), (a @ y.transpose(1, 2)).sum(0)) < tol
     dh, z, mean, invstd, scale, beta = bn_args(dtype=dtype)
+    big = torch.randn(3, 4, 1500, dtype=dtype) * 0.01 + 100  # a large mean, a small spread
+    var, avg = ops.batch_var_mean(big)
+    want_var, want_avg = torch.var_mean(big.double(), dim=(0, 2), unbiased=False)
+    assert rel_err(avg, want_avg) < tol and rel_err(var, want_var) < 1e-4
     h = ops.bn_relu(z, mean, scale, beta)
     col = lambda v: v[:, None]  # noqa: E731
     assert torch.equal(h, ((z - col(mean)) * col(scale) + col(beta)).clamp_min(0))
@@ -283,6 +295,7 @@ def test_opcheck_training_ops():
     torch.library.opcheck(ops.pixel_matmul_nt.default, (torch.randn(2, 5, 33), x))
     dh, z, mean, invstd, scale, beta = bn_args()
     torch.library.opcheck(ops.bn_relu.default, (z, mean, scale, beta))
+    torch.library.opcheck(ops.batch_var_mean.default, (z,))
     torch.library.opcheck(ops.bn_relu_backward_reduce.default,
                           (dh, z, mean, invstd, scale, beta))
     torch.library.opcheck(ops.bn_relu_backward_apply.default,
@@ -314,5 +327,7 @@ def test_bn_ops_reject_bad_arguments():
                                                     torch.zeros(5), 3.0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.ocrkernels.bn_relu(z.half(), mean.half(), scale.half(), beta.half())
+    with pytest.raises(RuntimeError, match="batch_var_mean: z must have shape"):
+        torch.ops.ocrkernels.batch_var_mean(z[0])
     with pytest.raises(RuntimeError, match="pixel_matmul_nt: y must have shape"):
         torch.ops.ocrkernels.pixel_matmul_nt(z, z[:, :, :3])

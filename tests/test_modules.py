@@ -172,3 +172,20 @@ def test_object_attention_rejects_bad_regions():
     block = ocrkernels.ObjectAttention(8, 4)
     with pytest.raises(ValueError, match=r"regions must have shape \(B, C, K, 1\)"):
         block(torch.randn(1, 8, 3, 3), torch.randn(1, 8, 5, 2))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_dtype_and_device_mismatches_are_clear_errors(training):
+    head = ocrkernels.OCRHead(8, 3, channels=16, ocr_channels=8).train(training)
+    x, coarse = torch.randn(1, 8, 4, 5), torch.randn(1, 3, 4, 5)
+    with pytest.raises(ValueError, match="feats has dtype torch.float64"):
+        head(x.double(), coarse.double())
+    with pytest.raises(ValueError, match="coarse_logits has dtype torch.float16"):
+        head(x, coarse.half())
+    with pytest.raises(ValueError, match="feats is on meta"):
+        head(x.to("meta"), coarse)
+    block = head.object_context_block
+    with pytest.raises(ValueError, match="regions has dtype torch.float64"):
+        block(torch.randn(1, 16, 4, 5), torch.randn(1, 16, 3, 1, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast may mix dtypes on purpose
+        assert head(x.bfloat16(), coarse.bfloat16()).shape == (1, 3, 4, 5)

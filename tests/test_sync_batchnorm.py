@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, rel_err
-from sync_setup import PER_RANK, make_batch, make_head, snapshot
+from sync_setup import MODES, PER_RANK, make_batch, make_head, snapshot
 
 WORLD = 2
 
@@ -63,11 +63,11 @@ def single_process():
     return snapshot(head, out, x.grad * WORLD, grads, second)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-def test_two_process_syncbn_step_equals_single_process_step(ranks, single_process, fused):
+@pytest.mark.parametrize("mode", MODES)
+def test_two_process_syncbn_step_equals_single_process_step(ranks, single_process, mode):
     want = single_process
     for r, result in enumerate(ranks):
-        got = result[fused]
+        got = result[mode]
         rows = slice(r * PER_RANK, (r + 1) * PER_RANK)
         assert rel_err(got["out"], want["out"][rows]) < 1e-4
         assert rel_err(got["second"], want["second"][rows]) < 1e-4
@@ -83,11 +83,12 @@ def test_two_process_syncbn_step_equals_single_process_step(ranks, single_proces
                 assert rel_err(got["buffers"][name], b) < 1e-4, name
 
 
-def test_fused_and_reference_sync_steps_agree(ranks):
+@pytest.mark.parametrize("mode", ["fused", "recompute"])
+def test_fused_and_reference_sync_steps_agree(ranks, mode):
     for result in ranks:
-        assert rel_err(result[True]["out"], result[False]["out"]) < 1e-4
-        for name, g in result[False]["grads"].items():
-            assert rel_err(result[True]["grads"][name], g) < 1e-4, name
+        assert rel_err(result[mode]["out"], result["reference"]["out"]) < 1e-4
+        for name, g in result["reference"]["grads"].items():
+            assert rel_err(result[mode]["grads"][name], g) < 1e-4, name
 
 
 def test_convert_keeps_names_and_single_process_numbers():

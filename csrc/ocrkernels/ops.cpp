@@ -43,6 +43,8 @@ TORCH_LIBRARY(ocrkernels, m) {
   //                           for SyncBatchNorm)
   //   bn_relu_backward_apply  dz = (g - sums[0] / count - xhat * sums[1] / count) * scale
   m.def("bn_relu(Tensor z, Tensor mean, Tensor scale, Tensor beta) -> Tensor");
+  // (biased variance, mean) per channel over b and n: torch.var_mean(z, (0, 2), unbiased=False)
+  m.def("batch_var_mean(Tensor z) -> (Tensor, Tensor)");
   m.def(
       "bn_relu_backward_reduce(Tensor dh, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
       "Tensor beta) -> Tensor");

@@ -7,8 +7,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "gemm_kernels.h"
 #include "parallel.h"
 
 namespace ocrkernels {
@@ -18,8 +23,122 @@ namespace {
 // contracted into an FMA in one loop and not in another: the forward and every recompute of
 // the mask must round identically.
 template <typename T>
-inline T act(T z, T mean, T scale, T beta) {
+OCR_LOOP_BODY T act(T z, T mean, T scale, T beta) {
   return (z - mean) * scale + beta;
+}
+
+// Row loops, compiled for AVX2 and the baseline ISA (OCR_DISPATCH) for float32. Sums run in
+// the data type over blocks of kBlock values and in double across blocks: vectorised, and
+// accurate over rows of 1e5 values.
+constexpr int64_t kBlock = 512;
+
+template <typename T>
+OCR_LOOP_BODY void bn_relu_row_body(const T* z, T m, T s, T be, T* h, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = act(z[i], m, s, be);
+    h[i] = v > T(0) ? v : T(0);
+  }
+}
+
+// (sum g, sum g * xhat) over a block, g = dh where act(z) > 0.
+template <typename T>
+OCR_LOOP_BODY void grad_sums_block_body(const T* dh, const T* z, T m, T is, T s, T be, int64_t n,
+                                        T* out) {
+  T sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = act(z[i], m, s, be) > T(0) ? dh[i] : T(0);
+    sg += g;
+    sgx += g * ((z[i] - m) * is);
+  }
+  out[0] = sg;
+  out[1] = sgx;
+}
+
+template <typename T>
+OCR_LOOP_BODY void grad_apply_row_body(const T* dh, const T* z, T m, T is, T s, T be, T mean_g,
+                                       T mean_gx, T* dz, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = act(z[i], m, s, be) > T(0) ? dh[i] : T(0);
+    dz[i] = (g - mean_g - (z[i] - m) * is * mean_gx) * s;
+  }
+}
+
+// (sum z, sum (z - shift)^2) over a block.
+template <typename T>
+OCR_LOOP_BODY void moments_block_body(const T* z, T shift, int64_t n, T* out) {
+  T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = z[i] - shift;
+    s1 += d;
+    s2 += d * d;
+  }
+  out[0] = s1;
+  out[1] = s2;
+}
+
+OCR_DISPATCH(void, bn_relu_row_f32, bn_relu_row_body<float>,
+             (const float* z, float m, float s, float be, float* h, int64_t n),
+             (z, m, s, be, h, n))
+OCR_DISPATCH(void, grad_sums_block_f32, grad_sums_block_body<float>,
+             (const float* dh, const float* z, float m, float is, float s, float be, int64_t n,
+              float* out),
+             (dh, z, m, is, s, be, n, out))
+OCR_DISPATCH(void, grad_apply_row_f32, grad_apply_row_body<float>,
+             (const float* dh, const float* z, float m, float is, float s, float be,
+              float mean_g, float mean_gx, float* dz, int64_t n),
+             (dh, z, m, is, s, be, mean_g, mean_gx, dz, n))
+OCR_DISPATCH(void, moments_block_f32, moments_block_body<float>,
+             (const float* z, float shift, int64_t n, float* out), (z, shift, n, out))
+
+template <typename T>
+void bn_relu_row(const T* z, T m, T s, T be, T* h, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) bn_relu_row_f32(z, m, s, be, h, n);
+  else bn_relu_row_body(z, m, s, be, h, n);
+}
+
+template <typename T>
+void grad_apply_row(const T* dh, const T* z, T m, T is, T s, T be, T mean_g, T mean_gx, T* dz,
+                    int64_t n) {
+  if constexpr (std::is_same_v<T, float>)
+    grad_apply_row_f32(dh, z, m, is, s, be, mean_g, mean_gx, dz, n);
+  else grad_apply_row_body(dh, z, m, is, s, be, mean_g, mean_gx, dz, n);
+}
+
+// Row sums in blocks: (sum g, sum g * xhat) in double.
+template <typename T>
+void grad_sums_row(const T* dh, const T* z, T m, T is, T s, T be, int64_t n, double* out) {
+  out[0] = out[1] = 0;
+  for (int64_t i = 0; i < n; i += kBlock) {
+    T part[2];
+    const int64_t len = std::min(kBlock, n - i);
+    if constexpr (std::is_same_v<T, float>)
+      grad_sums_block_f32(dh + i, z + i, m, is, s, be, len, part);
+    else grad_sums_block_body(dh + i, z + i, m, is, s, be, len, part);
+    out[0] += part[0];
+    out[1] += part[1];
+  }
+}
+
+// (mean, sum of squared deviations) of a row, shifted by its first value for accuracy.
+template <typename T>
+void moments_row(const T* z, int64_t n, double* mean, double* m2) {
+  const T shift = z[0];
+  double s1 = 0, s2 = 0;
+  for (int64_t i = 0; i < n; i += kBlock) {
+    T part[2];
+    const int64_t len = std::min(kBlock, n - i);
+    if constexpr (std::is_same_v<T, float>) moments_block_f32(z + i, shift, len, part);
+    else moments_block_body(z + i, shift, len, part);
+    s1 += part[0];
+    s2 += part[1];
+  }
+  const double d = s1 / double(n);
+  *mean = double(shift) + d;
+  *m2 = std::max(0.0, s2 - s1 * d);
 }
 
 struct Dims {
@@ -65,13 +184,8 @@ at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
     rows<scalar_t>(d, [&](int64_t b, int64_t c) {
-      const scalar_t* zr = zp + (b * d.ch + c) * d.N;
-      scalar_t* hr = hp + (b * d.ch + c) * d.N;
-      const scalar_t m = mp[c], s = sp[c], be = bp[c];
-      for (int64_t n = 0; n < d.N; ++n) {
-        const scalar_t v = act(zr[n], m, s, be);
-        hr[n] = v > scalar_t(0) ? v : scalar_t(0);
-      }
+      const int64_t off = (b * d.ch + c) * d.N;
+      bn_relu_row<scalar_t>(zp + off, mp[c], sp[c], bp[c], hp + off, d.N);
     });
   });
   return h;
@@ -105,17 +219,10 @@ at::Tensor bn_relu_backward_reduce_cpu(const at::Tensor& dh_in, const at::Tensor
     scalar_t* pp = partial.data_ptr<scalar_t>();
     rows<scalar_t>(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
-      const scalar_t m = mp[c], is = ip[c], s = sp[c], be = bp[c];
-      // acc_type keeps float32 maps summed in float64 partials: a row holds up to 1e5 values.
-      double sum_g = 0, sum_gx = 0;
-      for (int64_t n = 0; n < d.N; ++n) {
-        const scalar_t zn = zp[off + n];
-        const scalar_t g = act(zn, m, s, be) > scalar_t(0) ? dhp[off + n] : scalar_t(0);
-        sum_g += g;
-        sum_gx += double(g) * double((zn - m) * is);
-      }
-      pp[(b * 2 + 0) * d.ch + c] = static_cast<scalar_t>(sum_g);
-      pp[(b * 2 + 1) * d.ch + c] = static_cast<scalar_t>(sum_gx);
+      double sums[2];
+      grad_sums_row<scalar_t>(dhp + off, zp + off, mp[c], ip[c], sp[c], bp[c], d.N, sums);
+      pp[(b * 2 + 0) * d.ch + c] = static_cast<scalar_t>(sums[0]);
+      pp[(b * 2 + 1) * d.ch + c] = static_cast<scalar_t>(sums[1]);
     });
   });
   at::Tensor sums = partial[0].clone();
@@ -145,22 +252,52 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
     scalar_t* out = dz.data_ptr<scalar_t>();
     rows<scalar_t>(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
-      const scalar_t m = mp[c], is = ip[c], s = sp[c], be = bp[c];
       const scalar_t mean_g = static_cast<scalar_t>(su[c] / count);
       const scalar_t mean_gx = static_cast<scalar_t>(su[d.ch + c] / count);
-      for (int64_t n = 0; n < d.N; ++n) {
-        const scalar_t zn = zp[off + n];
-        const scalar_t g = act(zn, m, s, be) > scalar_t(0) ? dhp[off + n] : scalar_t(0);
-        out[off + n] = (g - mean_g - (zn - m) * is * mean_gx) * s;
-      }
+      grad_apply_row<scalar_t>(dhp + off, zp + off, mp[c], ip[c], sp[c], bp[c], mean_g, mean_gx,
+                               out + off, d.N);
     });
   });
   return dz;
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_var_mean_cpu(const at::Tensor& z_in) {
+  const Dims d = check_map("batch_var_mean", z_in, "z");
+  TORCH_CHECK(d.B * d.N > 0, "batch_var_mean: z must have at least one value per channel, got ",
+              z_in.sizes());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor z = z_in.contiguous();
+  // Per-row (mean, M2), then rows of a channel merged in batch order (Chan et al.).
+  std::vector<double> row_mean(d.B * d.ch), row_m2(d.B * d.ch);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "batch_var_mean", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    rows<scalar_t>(d, [&](int64_t b, int64_t c) {
+      const int64_t r = b * d.ch + c;
+      moments_row<scalar_t>(zp + r * d.N, d.N, &row_mean[r], &row_m2[r]);
+    });
+  });
+  at::Tensor var = at::empty({d.ch}, z.options().dtype(at::kDouble));
+  at::Tensor mean = at::empty({d.ch}, z.options().dtype(at::kDouble));
+  double* vp = var.data_ptr<double>();
+  double* mp = mean.data_ptr<double>();
+  for (int64_t c = 0; c < d.ch; ++c) {
+    double n = double(d.N), mu = row_mean[c], m2 = row_m2[c];
+    for (int64_t b = 1; b < d.B; ++b) {
+      const double delta = row_mean[b * d.ch + c] - mu, nb = double(d.N);
+      mu += delta * nb / (n + nb);
+      m2 += row_m2[b * d.ch + c] + delta * delta * n * nb / (n + nb);
+      n += nb;
+    }
+    mp[c] = mu;
+    vp[c] = m2 / n;
+  }
+  return {var.to(z.scalar_type()), mean.to(z.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ocrkernels, CPU, m) {
+  m.impl("batch_var_mean", &batch_var_mean_cpu);
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
   m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cpu);
