@@ -189,31 +189,41 @@ def describe_state_dict(sd: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _raise_misfit(header: str, problems: Mapping[str, list[str]],
+                  notes: Iterable[str] = ()) -> None:
+    """Raise CheckpointError listing every non-empty category of ``problems``; no-op if none."""
+    if not any(problems.values()):
+        return
+    lines = [header, *(f"  {note}" for note in notes)]
+    lines += [f"  {what} ({len(keys)}): {_listing(keys)}" for what, keys in problems.items()
+              if keys]
+    lines.append("  nothing was loaded")
+    raise CheckpointError("\n".join(lines))
+
+
+def _key_problems(own: Mapping[str, Tensor], sd: Mapping[str, Tensor],
+                  optional: str | None = None) -> dict[str, list[str]]:
+    """Missing / unexpected keys and shape mismatches of ``sd`` against ``own``; keys ending
+    in ``optional`` may be missing."""
+    return {
+        "missing keys": [k for k in own if k not in sd
+                         and not (optional and k.endswith(optional))],
+        "unexpected keys": [k for k in sd if k not in own],
+        "shape mismatches": [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                             for k in own if k in sd and sd[k].shape != own[k].shape],
+    }
+
+
 def _check_against(model: nn.Module, sd: Mapping[str, Tensor], source: str) -> None:
     """Raise CheckpointError unless ``sd`` has exactly the model's keys, shapes and kinds."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
-    kinds = [f"{k} ({sd[k].dtype} vs model {own[k].dtype})" for k in own
-             if k in sd and sd[k].is_floating_point() != own[k].is_floating_point()]
-    if not (missing or unexpected or mismatched or kinds):
-        return
-    lines = [f"checkpoint {source} does not fit the model:"]
+    problems = _key_problems(own, sd)
+    problems["dtype kind mismatches"] = [
+        f"{k} ({sd[k].dtype} vs model {own[k].dtype})" for k in own
+        if k in sd and sd[k].is_floating_point() != own[k].is_floating_point()]
     theirs, ours = describe_state_dict(sd), describe_state_dict(own)
-    if theirs != ours:
-        lines.append(f"  the checkpoint is {theirs}; the model is {ours}")
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-    if mismatched:
-        lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-    if kinds:
-        lines.append(f"  dtype kind mismatches ({len(kinds)}): {_listing(kinds)}")
-    lines.append("  nothing was loaded")
-    raise CheckpointError("\n".join(lines))
+    notes = [f"the checkpoint is {theirs}; the model is {ours}"] if theirs != ours else []
+    _raise_misfit(f"checkpoint {source} does not fit the model:", problems, notes)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -321,19 +331,7 @@ def load_backbone_pretrained(model: nn.Module, path: str | os.PathLike) -> list[
     own = backbone.state_dict()
     # BN batch counters are absent from some older ImageNet files; they play no part in the
     # forward pass (momentum is set), so the model's own counters are kept for those.
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"backbone checkpoint {str(path)!r} does not fit {type(backbone).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        lines.append("  nothing was loaded")
-        raise CheckpointError("\n".join(lines))
+    _raise_misfit(f"backbone checkpoint {str(path)!r} does not fit {type(backbone).__name__}:",
+                  _key_problems(own, sd, optional="num_batches_tracked"))
     backbone.load_state_dict({**own, **sd}, strict=True)
     return ignored
