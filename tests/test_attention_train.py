@@ -264,9 +264,6 @@ def test_cpp_ops_match_torch(dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     assert rel_err(ops.pixel_matmul(w, x), w @ x) < tol
     assert rel_err(ops.pixel_matmul(w, x, w2, x2), w @ x + w2 @ x2) < tol
-    a = torch.randn(2, 9, 4100, dtype=dtype)
-    y = torch.randn(2, 7, 4100, dtype=dtype)
-    assert rel_err(ops.pixel_matmul_nt(a, y), (a @ y.transpose(1, 2)).sum(0)) < tol
     dh, z, mean, invstd, scale, beta = bn_args(dtype=dtype)
     big = torch.randn(3, 4, 1500, dtype=dtype) * 0.01 + 100  # a large mean, a small spread
     var, avg = ops.batch_var_mean(big)
@@ -292,7 +289,6 @@ def test_opcheck_training_ops():
     torch.library.opcheck(ops.pixel_matmul.default, (w, x))
     torch.library.opcheck(ops.pixel_matmul.default, (w, x, torch.randn(9, 4),
                                                      torch.randn(2, 4, 33)))
-    torch.library.opcheck(ops.pixel_matmul_nt.default, (torch.randn(2, 5, 33), x))
     dh, z, mean, invstd, scale, beta = bn_args()
     torch.library.opcheck(ops.bn_relu.default, (z, mean, scale, beta))
     torch.library.opcheck(ops.batch_var_mean.default, (z,))
@@ -329,5 +325,3 @@ def test_bn_ops_reject_bad_arguments():
         torch.ops.ocrkernels.bn_relu(z.half(), mean.half(), scale.half(), beta.half())
     with pytest.raises(RuntimeError, match="batch_var_mean: z must have shape"):
         torch.ops.ocrkernels.batch_var_mean(z[0])
-    with pytest.raises(RuntimeError, match="pixel_matmul_nt: y must have shape"):
-        torch.ops.ocrkernels.pixel_matmul_nt(z, z[:, :, :3])

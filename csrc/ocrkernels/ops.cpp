@@ -25,15 +25,11 @@ TORCH_LIBRARY(ocrkernels, m) {
       "object_attention_eval(Tensor feats, Tensor query_w1, Tensor query_b1, Tensor query_w2, "
       "Tensor query_b2, Tensor keys, Tensor values, Tensor out_w_context, Tensor out_w_feats, "
       "Tensor out_b) -> Tensor");
-  // The GEMMs of the training-mode attention (ocrkernels/attention_train.py), over pixel maps
-  // laid out (B, channels, N), float32 or float64:
-  //   pixel_matmul: out[b] = weight . x[b]  (+ weight2 . x2[b] when given), weight (M, J),
-  //                 x (B, J, N) -> (B, M, N); pixel tiles in parallel, weights in cache.
-  //   pixel_matmul_nt: sum_b a[b] . y[b]^T, a (B, M, N), y (B, J, N) -> (M, J): the weight
-  //                 gradient of a 1x1 conv, reduced over fixed pixel chunks in a fixed order.
+  // The 1x1 convolutions of the training-mode attention (ocrkernels/attention_train.py) over
+  // pixel maps (B, channels, N), float32 or float64: out[b] = weight . x[b] (+ weight2 . x2[b]
+  // when given), weight (M, J), x (B, J, N) -> (B, M, N).
   m.def(
       "pixel_matmul(Tensor weight, Tensor x, Tensor? weight2=None, Tensor? x2=None) -> Tensor");
-  m.def("pixel_matmul_nt(Tensor a, Tensor y) -> Tensor");
   // Training-mode BatchNorm + ReLU over (B, ch, N) maps, float32 or float64, per channel
   // vectors of length ch. The forward and the recompute in backward both call bn_relu, so the
   // ReLU masks agree bit for bit:

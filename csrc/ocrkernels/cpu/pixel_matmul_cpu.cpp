@@ -1,11 +1,9 @@
-// 1x1-convolution GEMMs over pixel maps (B, channels, N) for the training-mode attention.
-//
-// BLAS runs these shapes at well under the micro-kernels' rate on the machines we target (its
-// generic x86 path), and each call here is one of a dozen of the same kind per training step:
+// 1x1-convolution GEMMs over pixel maps (B, channels, N) for the training-mode attention:
 //   pixel_matmul     out[b] = W x[b] (+ W2 x2[b])   tiles of kTileN pixels, one task each; the
 //                    weights stay in cache while a tile's strips pass.
-//   pixel_matmul_nt  sum_b a[b] y[b]^T              chunks of kChunkN pixels, one partial (M, J)
-//                    each, summed in chunk order: the bits do not depend on the thread count.
+// MKL runs this product (weights times a wide pixel map) 10-20% below the micro-kernel on the
+// AVX2 machines we measured, and a training step makes a dozen such calls. The weight
+// gradients (pixel map times pixel map transposed) stay with torch.mm, which is faster there.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,9 +15,7 @@
 namespace ocrkernels {
 namespace {
 
-constexpr int64_t kTileN = 64;     // pixels per pixel_matmul task
-constexpr int64_t kChunkN = 2048;  // pixels per pixel_matmul_nt partial
-constexpr int64_t kSubN = 256;     // pixels per gemm_nt call: both operands stay in L2
+constexpr int64_t kTileN = 64;  // pixels per task
 
 void check_dtype(const char* op, const char* name, const at::Tensor& t,
                  const at::Tensor& like) {
@@ -90,47 +86,10 @@ at::Tensor pixel_matmul_cpu(const at::Tensor& weight, const at::Tensor& x,
   return matmul_impl<float>(weight, x, w2, x2p);
 }
 
-template <typename T>
-at::Tensor matmul_nt_impl(const at::Tensor& a_in, const at::Tensor& y_in) {
-  const at::Tensor a = a_in.contiguous(), y = y_in.contiguous();
-  const int64_t B = a.size(0), M = a.size(1), N = a.size(2), J = y.size(1);
-  const int64_t chunks = (N + kChunkN - 1) / kChunkN;
-  at::Tensor partial = at::zeros({B * chunks, M, J}, a.options());
-  const T* ap = a.const_data_ptr<T>();
-  const T* yp = y.const_data_ptr<T>();
-  T* pp = partial.data_ptr<T>();
-  cpu::parallel_tasks(B * chunks, [] { return 0; }, [&](int64_t task, int) {
-    const int64_t b = task / chunks, c0 = (task % chunks) * kChunkN;
-    const int64_t c1 = std::min(N, c0 + kChunkN);
-    for (int64_t n0 = c0; n0 < c1; n0 += kSubN)
-      cpu::gemm_nt<T>(M, J, std::min(kSubN, c1 - n0), ap + b * M * N + n0, N,
-                      yp + b * J * N + n0, N, pp + task * M * J, J);
-  });
-  // Fixed-order reduction of the partials (a sum over dim 0 of a contiguous tensor).
-  at::Tensor out = partial[0].clone();
-  for (int64_t t = 1; t < B * chunks; ++t) out.add_(partial[t]);
-  return out;
-}
-
-at::Tensor pixel_matmul_nt_cpu(const at::Tensor& a, const at::Tensor& y) {
-  TORCH_CHECK(a.dim() == 3, "pixel_matmul_nt: a must have shape (B, M, N), got ", a.sizes());
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == a.size(0) && y.size(2) == a.size(2),
-              "pixel_matmul_nt: y must have shape (B=", a.size(0), ", J, N=", a.size(2),
-              "), got ", y.sizes());
-  check_dtype("pixel_matmul_nt", "a", a, a);
-  check_dtype("pixel_matmul_nt", "y", y, a);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  if (a.size(0) == 0 || a.size(2) == 0)
-    return at::zeros({a.size(1), y.size(1)}, a.options());
-  if (a.scalar_type() == at::kDouble) return matmul_nt_impl<double>(a, y);
-  return matmul_nt_impl<float>(a, y);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ocrkernels, CPU, m) {
   m.impl("pixel_matmul", &pixel_matmul_cpu);
-  m.impl("pixel_matmul_nt", &pixel_matmul_nt_cpu);
 }
 
 }  // namespace ocrkernels
