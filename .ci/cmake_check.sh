@@ -19,6 +19,10 @@ want = torch.einsum("bkn,bcn->bck", torch.softmax(p.flatten(2), -1), f.flatten(2
 got = torch.ops.ocrkernels.spatial_gather(p, f, 1.0)
 err = (got - want).abs().max().item()
 assert err < 1e-12, err
-print(f"CMake-built libocrkernels.so: spatial_gather matches the reference (max abs err {err:.1e})")
+w, x = torch.randn(6, 4, dtype=torch.float64), torch.randn(2, 4, 37, dtype=torch.float64)
+err2 = (torch.ops.ocrkernels.pixel_matmul(w, x) - w @ x).abs().max().item()
+assert err2 < 1e-12, err2
+print(f"CMake-built libocrkernels.so: spatial_gather and pixel_matmul match the reference "
+      f"(max abs err {max(err, err2):.1e})")
 PYEOF
 )
