@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .resnet import BasicBlock, Bottleneck, make_res_layer
 
-__all__ = ["HRNet", "HRNET_ARCHS", "StageSpec", "hrnet_arch"]
+__all__ = ["HRNet", "HRNET_ARCHS", "StageSpec", "hrnet_arch", "hrnet_width"]
 
 _BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
@@ -41,25 +41,32 @@ class StageSpec:
                              "entries")
 
 
-def _w(width: int, small: bool) -> tuple[StageSpec, ...]:
-    """The four stages of HRNetV2p-W<width> (``small``: the W18-Small depth settings)."""
+def _stages(width: int, stem: int, blocks: int, modules: tuple[int, int]
+            ) -> tuple[StageSpec, ...]:
+    """HRNetV2p with branch widths (w, 2w, 4w, 8w), ``blocks`` blocks per branch, a Bottleneck
+    stage 1 of ``stem`` planes and ``modules`` HRModules in stages 3 and 4."""
     c = (width, 2 * width, 4 * width, 8 * width)
-    n = 2 if small else 4  # blocks per branch
-    return (
-        StageSpec(1, 1, "BOTTLENECK", (n,), (64,)),
-        StageSpec(1, 2, "BASIC", (n,) * 2, c[:2]),
-        StageSpec(3 if small else 4, 3, "BASIC", (n,) * 3, c[:3]),
-        StageSpec(2 if small else 3, 4, "BASIC", (n,) * 4, c),
-    )
+    return (StageSpec(1, 1, "BOTTLENECK", (blocks,), (stem,)),
+            StageSpec(1, 2, "BASIC", (blocks,) * 2, c[:2]),
+            StageSpec(modules[0], 3, "BASIC", (blocks,) * 3, c[:3]),
+            StageSpec(modules[1], 4, "BASIC", (blocks,) * 4, c))
 
 
 # The ``extra`` settings of mmseg's configs/_base_/models/ocrnet_hr18.py and the hr18s / hr48
-# overrides in configs/ocrnet/.
+# overrides in configs/ocrnet/; then two small variants of ours for the synthetic CPU demo and
+# the training tests (named, so that configs stay serialisable).
 HRNET_ARCHS: dict[str, tuple[StageSpec, ...]] = {
-    "w18_small": _w(18, small=True),
-    "w18": _w(18, small=False),
-    "w48": _w(48, small=False),
+    "w18_small": _stages(18, 64, 2, (3, 2)),
+    "w18": _stages(18, 64, 4, (4, 3)),
+    "w48": _stages(48, 64, 4, (4, 3)),
+    "w12_lite": _stages(12, 32, 1, (2, 1)),  # ~1 M parameters with a 128/64 OCR head
+    "w8_tiny": _stages(8, 16, 1, (1, 1)),  # ~0.3 M parameters
 }
+
+
+def hrnet_width(name: str) -> int:
+    """The first branch's width of a named architecture (18 for ``w18_small``)."""
+    return hrnet_arch(name)[1].num_channels[0]
 
 
 def hrnet_arch(name: str) -> tuple[StageSpec, ...]:
