@@ -11,7 +11,9 @@ Checkpoints saved by mmsegmentation load strictly (same state-dict keys); see
 from .api import init_model
 from .checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from .configs import Config, get_config, list_configs
+from .fastpath import inference, prepare_for_inference
 from .models import OCRNet, build_segmentor
 
 __all__ = ["CheckpointError", "Config", "OCRNet", "build_segmentor", "convert_checkpoint",
-           "get_config", "init_model", "list_configs", "load_checkpoint"]
+           "get_config", "inference", "init_model", "list_configs", "load_checkpoint",
+           "prepare_for_inference"]
