@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import ocrkernels
+from test_modules import randomise_batchnorm
 
 PER_RANK = 2
 # fused keeping the activations, fused recomputing them, the plain-PyTorch reference
@@ -15,13 +16,7 @@ C_IN, K, H, W = 24, 5, 9, 11
 def make_head() -> ocrkernels.OCRHead:
     torch.manual_seed(0)
     head = ocrkernels.OCRHead(C_IN, K, channels=32, ocr_channels=16)
-    g = torch.Generator().manual_seed(1)
-    for m in head.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    randomise_batchnorm(head)
     return head
 
 
