@@ -147,20 +147,20 @@ class ObjectAttention(nn.Module):
                 and all(check_trainable_bn(cbr.bn) for cbr in self._pixel_cbrs()))
 
     def _fused_train(self, feats: Tensor, regions: Tensor) -> Tensor:
-        """Training mode: batch statistics, backward by recomputation (no pixel map saved)."""
+        """Training mode: batch statistics (synchronised for SyncBatchNorm), the per-pixel chain
+        in :func:`object_attention_train`; the K-column projections stay in PyTorch."""
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
         B, C, H, W = feats.shape
         q1, q2, up, cat = self._pixel_cbrs()
         key = _project_columns(self.key_project, regions).to(dtype)  # B, D, K
         value = _project_columns(self.value_project, regions).to(dtype)  # B, D, K
         keys = key.transpose(1, 2) * self.channels ** -0.5  # B, K, D
-        # Exact before up's BatchNorm: W_out (A . value) = A . (W_out value).
+        # Exact before up's BatchNorm: W_out (A . value) = A . (W_out value). The .to: autocast
+        # may have run the matmul in lower precision.
         values = torch.matmul(up.conv.weight.flatten(1).to(dtype), value).to(dtype)  # B, C, K
         w_cat = cat.conv.weight.flatten(1).to(dtype)
         bns = [cbr.bn for cbr in (q1, q2, up, cat)]
-        params = []
-        for bn in bns:
-            params += [bn.weight.to(dtype), bn.bias.to(dtype)]
+        params = [p.to(dtype) for bn in bns for p in (bn.weight, bn.bias)]
         out, running = object_attention_train(
             feats.reshape(B, C, H * W).to(dtype).contiguous(),
             q1.conv.weight.flatten(1).to(dtype), *params[0:2],
