@@ -26,10 +26,9 @@ C=512, D=256, K=19):
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .batchnorm import batch_stats
+from .batchnorm import batch_stats, grad_sums, input_grad, reduce_grad_sums
 from .ops import extension_loaded
 
 _HAS_CPU_OPS = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -60,20 +59,15 @@ def _bn_relu_backward(dh: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma
     scale = gamma * invstd
     if _fused_bn(z):
         sums = torch.ops.ocrkernels.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
-    else:
-        g = dh.masked_fill(_bn_relu(z, mean, scale, beta) <= 0, 0)
-        xhat = (z - _col(mean)) * _col(invstd)
-        sums = torch.stack([g.sum((0, 2)), (g * xhat).sum((0, 2))])
-    dbeta, dgamma = sums[0].clone(), sums[1].clone()  # local sums, as torch's SyncBatchNorm
-    if group is not None:
-        dist.all_reduce(sums, group=group)
-    if _fused_bn(z):
+        dgamma, dbeta = reduce_grad_sums(sums, group)
         dz = torch.ops.ocrkernels.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums,
                                                          float(count))
-    else:
-        dz = g.sub_(_col(sums[0] / count)).sub_(xhat.mul_(_col(sums[1] / count))).mul_(
-            _col(scale))
-    return dz, dgamma, dbeta
+        return dz, dgamma, dbeta
+    g = dh.masked_fill(_bn_relu(z, mean, scale, beta) <= 0, 0)
+    xhat = (z - _col(mean)) * _col(invstd)
+    sums = grad_sums(g, xhat)
+    dgamma, dbeta = reduce_grad_sums(sums, group)
+    return input_grad(g, xhat, sums, count, scale), dgamma, dbeta
 
 
 def _fast_nn(x: Tensor) -> bool:

@@ -31,7 +31,8 @@ _HAS_VAR_MEAN = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatc
     "ocrkernels::batch_var_mean", "CPU")
 
 __all__ = ["BatchStats", "SyncBatchNorm", "convert_sync_batchnorm", "sync_group", "batch_stats",
-           "update_running_stats", "batch_norm_train", "check_trainable_bn"]
+           "update_running_stats", "batch_norm_train", "check_trainable_bn", "grad_sums",
+           "reduce_grad_sums", "input_grad"]
 
 
 class BatchStats(NamedTuple):
@@ -98,6 +99,29 @@ def _expand(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
+def grad_sums(dy: Tensor, xhat: Tensor) -> Tensor:
+    """(2, ch): [sum dy, sum dy * xhat] over every dim but 1, for the local batch."""
+    dims = _reduce_dims(dy)
+    return torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])
+
+
+def reduce_grad_sums(sums: Tensor, group) -> tuple[Tensor, Tensor]:
+    """(grad_weight, grad_bias) from the local ``sums`` of :func:`grad_sums`, then ``sums``
+    all-reduced in place over ``group``: the parameter gradients stay local (DDP averages
+    them) while the input gradient needs the global sums, as in ``torch.nn.SyncBatchNorm``."""
+    grad_weight, grad_bias = sums[1].clone(), sums[0].clone()
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    return grad_weight, grad_bias
+
+
+def input_grad(dy: Tensor, xhat: Tensor, sums: Tensor, count: int, scale: Tensor) -> Tensor:
+    """d input of a batch-statistics BatchNorm, ``scale = weight * invstd`` per channel, from
+    the global ``sums`` over ``count`` elements per channel."""
+    dx = dy - _expand(sums[0] / count, dy) - xhat * _expand(sums[1] / count, dy)
+    return dx * _expand(scale, dy)
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BatchNorm with the statistics given (already synchronised)."""
 
@@ -112,13 +136,9 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         xhat = (x - _expand(mean, x)) * _expand(invstd, x)
-        dims = _reduce_dims(x)
-        sums = torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])
-        grad_bias, grad_weight = sums[0].clone(), sums[1].clone()  # local, as SyncBatchNorm
-        if ctx.group is not None:
-            dist.all_reduce(sums, group=ctx.group)
-        dx = (dy - _expand(sums[0] / ctx.count, x) - xhat * _expand(sums[1] / ctx.count, x))
-        dx = dx * _expand(weight * invstd, x)
+        sums = grad_sums(dy, xhat)
+        grad_weight, grad_bias = reduce_grad_sums(sums, ctx.group)
+        dx = input_grad(dy, xhat, sums, ctx.count, weight * invstd)
         return dx, grad_weight, grad_bias, None, None, None, None
 
 
