@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -162,8 +161,9 @@ void check_like(const char* op, const at::Tensor& t, const char* name, at::IntAr
               t.device());
 }
 
-template <typename T>
-void rows(const Dims& d, const std::function<void(int64_t, int64_t)>& body) {
+// body(b, c) for every row of a (B, ch, N) map, rows handed to threads one at a time.
+template <typename Body>
+void rows(const Dims& d, Body body) {
   cpu::parallel_tasks(d.B * d.ch, [] { return 0; },
                       [&](int64_t row, int) { body(row / d.ch, row % d.ch); });
 }
@@ -183,7 +183,7 @@ at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
     const scalar_t *zp = z.const_data_ptr<scalar_t>(), *mp = mean.const_data_ptr<scalar_t>();
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
-    rows<scalar_t>(d, [&](int64_t b, int64_t c) {
+    rows(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
       bn_relu_row<scalar_t>(zp + off, mp[c], sp[c], bp[c], hp + off, d.N);
     });
@@ -217,7 +217,7 @@ at::Tensor bn_relu_backward_reduce_cpu(const at::Tensor& dh_in, const at::Tensor
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
     scalar_t* pp = partial.data_ptr<scalar_t>();
-    rows<scalar_t>(d, [&](int64_t b, int64_t c) {
+    rows(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
       double sums[2];
       grad_sums_row<scalar_t>(dhp + off, zp + off, mp[c], ip[c], sp[c], bp[c], d.N, sums);
@@ -250,7 +250,7 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
     const scalar_t* su = sums.const_data_ptr<scalar_t>();
     scalar_t* out = dz.data_ptr<scalar_t>();
-    rows<scalar_t>(d, [&](int64_t b, int64_t c) {
+    rows(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
       const scalar_t mean_g = static_cast<scalar_t>(su[c] / count);
       const scalar_t mean_gx = static_cast<scalar_t>(su[d.ch + c] / count);
@@ -271,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> batch_var_mean_cpu(const at::Tensor& z_in) {
   std::vector<double> row_mean(d.B * d.ch), row_m2(d.B * d.ch);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "batch_var_mean", [&] {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    rows<scalar_t>(d, [&](int64_t b, int64_t c) {
+    rows(d, [&](int64_t b, int64_t c) {
       const int64_t r = b * d.ch + c;
       moments_row<scalar_t>(zp + r * d.N, d.N, &row_mean[r], &row_m2[r]);
     });
