@@ -1,16 +1,18 @@
-// Small GEMM micro-kernels for the spatial gather's pixel tiles, row-major, fp32 AVX2+FMA with
-// a portable fallback (also the fp64 path). BLAS is slow on these shapes: one dimension is the
-// class count K (19 for Cityscapes) and the calls are per 256-pixel tile inside a fused loop,
-// where the tile's operands already sit in L1/L2.
+// Small GEMM micro-kernels for the OCR core's pixel tiles, row-major, fp32 AVX2+FMA with a
+// portable fallback (also the fp64 path). BLAS is slow on these shapes: one dimension is the
+// class count K (19 for Cityscapes) or a pixel tile, and the calls sit inside fused loops where
+// the tile's operands are already in L1/L2.
 //
-//   gemm_nn: Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
-//   gemm_nt: Out[i, j] += sum_n A[i, n] * Bm[j, n]      (i < M, j < J, n < nb; accumulates)
+//   gemm_nn:     Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
+//   gemm_nn_p16: the same with B already in the P16 panel layout (below), Out row-major or P16
+//   gemm_nt:     Out[i, j] += sum_n A[i, n] * Bm[j, n]      (i < M, j < J, n < nb; accumulates)
 // gemm_nn's epilogue `ep` optionally starts from the old Out (accumulate), adds a per-row bias
 // and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -79,6 +81,72 @@ void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, 
   }
 }
 
+// P16 panel layout: a matrix of R rows and n columns stored as ceil(n / 16) strips of 16
+// columns, each strip holding its R rows contiguously:
+//   Xp[(s * R + r) * 16 + q] = X[r, 16 s + q], zero past column n.
+// It is the layout the NN micro-kernel reads B in; a kernel that produces an operand (a softmax
+// tile, an activation tile) can write it in this layout and skip the packing copy.
+inline int64_t p16_floats(int64_t R, int64_t n) { return (n + 15) / 16 * 16 * R; }
+
+// Where a GEMM writes: element (r, 16 s + q) at ptr[s * strip_stride + r * ldo + q]. A row-major
+// output stops at its last column; a P16 output is written in whole strips.
+template <typename T>
+struct OutView {
+  T* ptr;
+  int64_t ldo;
+  int64_t strip_stride;
+  bool whole_strips;
+
+  static OutView row_major(T* ptr, int64_t ldo) { return {ptr, ldo, 16, false}; }
+  static OutView p16(T* ptr, int64_t rows) { return {ptr, 16, 16 * rows, true}; }
+};
+
+// Packs the last, partial strip (columns [16 * (n / 16), n)) and zero-fills its padding.
+template <typename T>
+void pack_p16_tail(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
+  const int64_t s = n / 16, c0 = s * 16;
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = Xp + (s * R + r) * 16;
+    for (int64_t q = 0; q < 16; ++q) dst[q] = c0 + q < n ? X[r * ldx + c0 + q] : T(0);
+  }
+}
+
+template <typename T>
+void pack_p16_generic(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t s = 0; s < n / 16; ++s)
+      for (int64_t q = 0; q < 16; ++q) Xp[(s * R + r) * 16 + q] = X[r * ldx + s * 16 + q];
+  if (n % 16) pack_p16_tail(R, n, X, ldx, Xp);
+}
+
+// Out = ep(A (M x J) . B (J x n)) with B in P16. Row-major outputs stop at column n.
+template <typename T>
+void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
+                         const OutView<T>& out, Epilogue<T> ep) {
+  T acc[16];
+  for (int64_t s = 0; s < (n + 15) / 16; ++s) {
+    const int64_t cols = out.whole_strips ? 16 : std::min<int64_t>(16, n - s * 16);
+    const T* strip = Bp + s * J * 16;
+    for (int64_t i = 0; i < M; ++i) {
+      T* o = out.ptr + s * out.strip_stride + i * out.ldo;
+      for (int64_t q = 0; q < 16; ++q) acc[q] = ep.accumulate && q < cols ? o[q] : T(0);
+      for (int64_t j = 0; j < J; ++j) {
+        const T a = A[i * lda + j];
+#pragma omp simd
+        for (int64_t q = 0; q < 16; ++q) acc[q] += a * strip[j * 16 + q];
+      }
+      const T bias = ep.bias ? ep.bias[i] : T(0);
+      for (int64_t q = 0; q < cols; ++q) {
+        const T v = acc[q] + bias;
+        o[q] = ep.relu && v < T(0) ? T(0) : v;
+      }
+    }
+  }
+}
+
+constexpr int64_t kGroupFloats = 32 * 1024;  // packed strips kept in L2 at a time (128 KiB fp32)
+constexpr int64_t kWholeFloats = 96 * 1024;  // a packed operand up to this size stays in L2 whole
+
 template <typename T>
 void gemm_nt_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
                      int64_t ldb, T* Out, int64_t ldo) {
@@ -103,10 +171,11 @@ OCR_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MT rows of Out, 16 columns [n, n+16): 2*MT accumulators live in registers over all of J.
+// MT rows of Out, 16 columns: 2*MT accumulators live in registers over all of J. `strip` is one
+// P16 strip of B (J rows of 16).
 template <int MT>
-OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const float* Bm,
-                               int64_t ldb, float* Out, int64_t ldo, const Epilogue<float>& ep) {
+OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const float* strip,
+                               float* Out, int64_t ldo, const Epilogue<float>& ep) {
   __m256 acc[MT][2];
   if (ep.accumulate) {
 #pragma GCC unroll 8
@@ -119,8 +188,8 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
     for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   }
   for (int64_t j = 0; j < J; ++j) {
-    const __m256 b0 = _mm256_loadu_ps(Bm + j * ldb);
-    const __m256 b1 = _mm256_loadu_ps(Bm + j * ldb + 8);
+    const __m256 b0 = _mm256_loadu_ps(strip + j * 16);
+    const __m256 b1 = _mm256_loadu_ps(strip + j * 16 + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < MT; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * lda + j);
@@ -151,57 +220,97 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
   }
 }
 
-// Bm's full 16-column strips are packed, a group at a time, into a contiguous buffer (J x 16
-// floats per strip): read in place, a strip's J rows sit ldb floats apart, often a power-of-two
-// stride that maps them onto a few cache sets, while packing reads each row's group of columns
-// in one sequential run. A group is sized to stay in L2. Within a group, either each block of 6
-// rows of A stays in L1 while the group's strips pass (when A is the larger operand: weights
-// against a pixel tile), or each strip stays in L1 while all of A passes.
-OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
-                                  const Epilogue<float>& ep) {
-  constexpr int64_t kGroupFloats = 32 * 1024;  // 128 KiB of packed strips
-  const int64_t strips = nb / 16;
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (J * 16)));
-  thread_local std::vector<float> packed;
-  if (static_cast<int64_t>(packed.size()) < group * J * 16) packed.resize(group * J * 16);
-  float* Bp = packed.data();
+// The same for the first `cols` < 16 columns of Out (a row-major output's last strip), through
+// a 16-wide buffer, so that the full-width kernel keeps every register for the accumulators.
+template <int MT>
+OCR_AVX2 inline void nn_tile16_cols(int64_t J, const float* A, int64_t lda, const float* strip,
+                                    float* Out, int64_t ldo, const Epilogue<float>& ep,
+                                    int64_t cols) {
+  float buf[MT * 16] = {};
+  if (ep.accumulate)
+    for (int r = 0; r < MT; ++r) std::copy(Out + r * ldo, Out + r * ldo + cols, buf + r * 16);
+  nn_tile16<MT>(J, A, lda, strip, buf, 16, ep);
+  for (int r = 0; r < MT; ++r) std::copy(buf + r * 16, buf + r * 16 + cols, Out + r * ldo);
+}
+
+template <int MT>
+OCR_AVX2 inline void nn_tile_cols(int64_t J, const float* A, int64_t lda, const float* strip,
+                                  float* Out, int64_t ldo, const Epilogue<float>& ep,
+                                  int64_t cols) {
+  if (cols == 16) nn_tile16<MT>(J, A, lda, strip, Out, ldo, ep);
+  else nn_tile16_cols<MT>(J, A, lda, strip, Out, ldo, ep, cols);
+}
+
+// Out = ep(A . Bp) over strips [s0, s1) of a P16 operand (Bp points at strip 0). Within a group
+// of strips sized to stay in L2, either each block of 6 rows of A stays in L1 while the group's
+// strips pass (when A is the larger operand: weights against a pixel tile), or each strip stays in
+// L1 while all of A passes.
+OCR_AVX2 inline void nn_p16_strips(int64_t M, int64_t J, int64_t n, int64_t s0, int64_t s1,
+                                   const float* A, int64_t lda, const float* Bp,
+                                   const OutView<float>& out, const Epilogue<float>& ep) {
+  // When A is the larger operand and the packed one fits in L2, all strips form one group, so
+  // that A is streamed once (F against the gather's softmax weights).
+  const int64_t group = M > (s1 - s0) * 16 && (s1 - s0) * J * 16 <= kWholeFloats
+                            ? s1 - s0
+                            : std::max<int64_t>(1, kGroupFloats / (J * 16));
   auto rows_from = [&](int64_t i) {
     Epilogue<float> epi = ep;
     if (ep.bias) epi.bias = ep.bias + i;
     return epi;
   };
-  for (int64_t s0 = 0; s0 < strips; s0 += group) {
-    const int64_t gs = std::min(group, strips - s0);
-    for (int64_t j = 0; j < J; ++j) {
-      for (int64_t g = 0; g < gs; ++g) {
-        const float* src = Bm + j * ldb + (s0 + g) * 16;
-        float* dst = Bp + (g * J + j) * 16;
-        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
-        _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
-      }
-    }
-    auto row_block = [&](int64_t i, int64_t g) {
-      const float* strip = Bp + g * J * 16;
-      float* o = Out + (s0 + g) * 16;
+  for (int64_t g0 = s0; g0 < s1; g0 += group) {
+    const int64_t g1 = std::min(s1, g0 + group);
+    auto row_block = [&](int64_t i, int64_t s) {
+      const float* strip = Bp + s * J * 16;
+      float* o = out.ptr + s * out.strip_stride;
+      const int64_t cols = out.whole_strips ? 16 : std::min<int64_t>(16, n - s * 16);
       if (i + 6 <= M) {
-        nn_tile16<6>(J, A + i * lda, lda, strip, 16, o + i * ldo, ldo, rows_from(i));
+        nn_tile_cols<6>(J, A + i * lda, lda, strip, o + i * out.ldo, out.ldo, rows_from(i), cols);
       } else {
         for (int64_t r = i; r < M; ++r)
-          nn_tile16<1>(J, A + r * lda, lda, strip, 16, o + r * ldo, ldo, rows_from(r));
+          nn_tile_cols<1>(J, A + r * lda, lda, strip, o + r * out.ldo, out.ldo, rows_from(r),
+                          cols);
       }
     };
-    if (M > gs * 16) {
+    if (M > (g1 - g0) * 16) {
       for (int64_t i = 0; i < M; i += 6)
-        for (int64_t g = 0; g < gs; ++g) row_block(i, g);
+        for (int64_t s = g0; s < g1; ++s) row_block(i, s);
     } else {
-      for (int64_t g = 0; g < gs; ++g)
-        for (int64_t i = 0; i < M; i += 6) row_block(i, g);
+      for (int64_t s = g0; s < g1; ++s)
+        for (int64_t i = 0; i < M; i += 6) row_block(i, s);
     }
   }
-  if (strips * 16 < nb)  // column tail
-    gemm_nn_generic(M, J, nb - strips * 16, A, lda, Bm + strips * 16, ldb, Out + strips * 16, ldo,
-                    ep);
+}
+
+OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t ldx, float* Xp) {
+  const int64_t full = n / 16;
+  for (int64_t r = 0; r < R; ++r)  // each row read in one sequential run
+    for (int64_t s = 0; s < full; ++s) {
+      const float* src = X + r * ldx + s * 16;
+      float* dst = Xp + (s * R + r) * 16;
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    }
+  if (full * 16 < n) pack_p16_tail(R, n, X, ldx, Xp);
+}
+
+// Row-major B is packed a group of strips at a time into a thread-local P16 buffer: read in place,
+// a strip's J rows sit ldb floats apart, often a power-of-two stride that maps them onto a few
+// cache sets, while packing reads each row's group of columns in one sequential run.
+OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                                  const Epilogue<float>& ep) {
+  const int64_t strips = (nb + 15) / 16;
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (J * 16)));
+  thread_local std::vector<float> packed;
+  if (static_cast<int64_t>(packed.size()) < group * J * 16) packed.resize(group * J * 16);
+  for (int64_t s0 = 0; s0 < strips; s0 += group) {
+    const int64_t s1 = std::min(strips, s0 + group);
+    const int64_t cols = std::min(nb, s1 * 16) - s0 * 16;
+    pack_p16_avx2(J, cols, Bm + s0 * 16, ldb, packed.data());
+    nn_p16_strips(M, J, cols, 0, s1 - s0, A, lda, packed.data(),
+                  OutView<float>::row_major(Out + s0 * 16, ldo), ep);
+  }
 }
 
 // MT x JT block of Out: MT * JT accumulators of 8 lanes each, reduced once at the end.
@@ -261,6 +370,26 @@ template <typename T>
 inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
                     int64_t ldb, T* Out, int64_t ldo) {
   gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+}
+
+template <typename T>
+inline void pack_p16(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
+#if OCR_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>)
+    if (cpu_has_avx2()) return pack_p16_avx2(R, n, X, ldx, Xp);
+#endif
+  pack_p16_generic(R, n, X, ldx, Xp);
+}
+
+// Out = ep(A (M x J) . B (J x n)), B given in P16 (Bp, J rows), Out row-major or P16.
+template <typename T>
+inline void gemm_nn_p16(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
+                        const OutView<T>& out, Epilogue<T> ep = {}) {
+#if OCR_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>)
+    if (cpu_has_avx2()) return nn_p16_strips(M, J, n, 0, (n + 15) / 16, A, lda, Bp, out, ep);
+#endif
+  gemm_nn_p16_generic(M, J, n, A, lda, Bp, out, ep);
 }
 
 #if OCR_HAVE_AVX2_PATH

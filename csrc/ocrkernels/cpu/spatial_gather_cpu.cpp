@@ -76,17 +76,33 @@ OCR_LOOP_BODY void softmax_grad_body(const T* x, T s, T m, T logl, T delta, T* d
   }
 }
 
-// sum_i w[i] * d[i] with w[i] = softmax_weight(s * x[i], m, logl), w written to `w_out`.
+// sum_i w[i] * d[i] with w[i] = softmax_weight(s * x[i], m, logl); w is written to `w_out` as
+// one row of a P16 operand (runs of 16 values `strip_stride` apart), zero past n. The sum is
+// kept in 16 lanes across the runs.
 template <typename T>
 OCR_LOOP_BODY T weights_dot_body(const T* x, T s, T m, T logl, const T* d, T* w_out,
-                                 int64_t n) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    T w = softmax_weight(s * x[i], m, logl);
-    w_out[i] = w;
-    sum += w * d[i];
+                                 int64_t strip_stride, int64_t n) {
+  T acc[16] = {};
+  int64_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) {
+    T* w_strip = w_out + (i0 / 16) * strip_stride;
+#pragma omp simd
+    for (int64_t q = 0; q < 16; ++q) {
+      const T w = softmax_weight(s * x[i0 + q], m, logl);
+      w_strip[q] = w;
+      acc[q] += w * d[i0 + q];
+    }
   }
+  if (i0 < n) {
+    T* w_strip = w_out + (i0 / 16) * strip_stride;
+    for (int64_t q = 0; q < 16; ++q) {
+      const T w = i0 + q < n ? softmax_weight(s * x[i0 + q], m, logl) : T(0);
+      w_strip[q] = w;
+      if (i0 + q < n) acc[q] += w * d[i0 + q];
+    }
+  }
+  T sum = 0;
+  for (int64_t q = 0; q < 16; ++q) sum += acc[q];
   return sum;
 }
 
@@ -100,8 +116,8 @@ OCR_DISPATCH(void, softmax_grad_f32, softmax_grad_body<float>,
              (x, s, m, logl, delta, d, n))
 OCR_DISPATCH(float, weights_dot_f32, weights_dot_body<float>,
              (const float* x, float s, float m, float logl, const float* d, float* w_out,
-              int64_t n),
-             (x, s, m, logl, d, w_out, n))
+              int64_t strip_stride, int64_t n),
+             (x, s, m, logl, d, w_out, strip_stride, n))
 
 // fp32 goes through the AVX2 / baseline dispatch; fp64 runs the bodies as they are.
 template <typename T>
@@ -120,9 +136,11 @@ void softmax_grad(const T* x, T s, T m, T logl, T delta, T* d, int64_t n) {
   else softmax_grad_body(x, s, m, logl, delta, d, n);
 }
 template <typename T>
-T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) return weights_dot_f32(x, s, m, logl, d, w_out, n);
-  else return weights_dot_body(x, s, m, logl, d, w_out, n);
+T weights_dot(const T* x, T s, T m, T logl, const T* d, T* w_out, int64_t strip_stride,
+              int64_t n) {
+  if constexpr (std::is_same_v<T, float>)
+    return weights_dot_f32(x, s, m, logl, d, w_out, strip_stride, n);
+  else return weights_dot_body(x, s, m, logl, d, w_out, strip_stride, n);
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) {
@@ -135,6 +153,11 @@ constexpr int64_t kTileN = 512;
 
 int64_t num_chunks(int64_t n) { return (n + kChunkN - 1) / kChunkN; }
 
+// The forward's F_tile . E^T product runs either as the NT kernel over E (K x nb), or as the NN
+// kernel over E^T written straight in P16 with the classes padded to a multiple of 16. The NN
+// kernel is the faster one (fewer loads per FMA) unless padding wastes more than 1/8 of it.
+bool forward_uses_p16(int64_t K) { return 8 * K >= 7 * ((K + 15) / 16 * 16); }
+
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const at::Tensor& feats,
                                                 double scale_d) {
@@ -143,22 +166,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   const int64_t T = num_chunks(N);
   const auto acc = acc_type_of(probs.scalar_type());
   const acc_t s = static_cast<acc_t>(scale_d);
+  const bool p16 = forward_uses_p16(K);
+  const int64_t Kc = p16 ? (K + 15) / 16 * 16 : K;  // columns of the partial sums
 
   at::Tensor P = probs.reshape({B, K, N}).contiguous().to(acc);
   at::Tensor F = feats.reshape({B, C, N}).contiguous().to(acc);
   auto opts = P.options();
   // Per-chunk partials: softmax statistics and the weighted feature sums against the chunk max.
-  at::Tensor partial = at::zeros({B, T, C, K}, opts);
+  at::Tensor partial = at::zeros({B, T, C, Kc}, opts);
   std::vector<SoftmaxStats<acc_t>> stats(B * T * K);
   const acc_t* p_ptr = P.const_data_ptr<acc_t>();
   const acc_t* f_ptr = F.const_data_ptr<acc_t>();
   acc_t* part_ptr = partial.data_ptr<acc_t>();
 
   struct Scratch {
-    std::vector<acc_t> E, alpha;  // tile weights (K x kTileN), per-row rescale factors
+    std::vector<acc_t> E, row, alpha;  // tile weights, one row of them, per-column rescales
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(K * kTileN), std::vector<acc_t>(K)};
+    return Scratch{std::vector<acc_t>(Kc * kTileN), std::vector<acc_t>(p16 ? kTileN : 0),
+                   std::vector<acc_t>(Kc, acc_t(1))};
   };
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, Scratch& scratch) {
     acc_t* E = scratch.E.data();
@@ -166,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
     const int64_t b = task / T, j = task % T;
     const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
     SoftmaxStats<acc_t>* st = stats.data() + task * K;
-    acc_t* O = part_ptr + task * C * K;  // (C, K)
+    acc_t* O = part_ptr + task * C * Kc;  // (C, Kc)
     for (int64_t k = 0; k < K; ++k) st[k] = {-std::numeric_limits<acc_t>::infinity(), 0};
     for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, c1 - n0);
@@ -174,16 +200,31 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* x = p_ptr + (b * K + k) * N + n0;
         const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
-        const acc_t tile_sum = exp_shifted(x, s, m, E + k * kTileN, nb);
+        acc_t* e = p16 ? scratch.row.data() : E + k * kTileN;
+        const acc_t tile_sum = exp_shifted(x, s, m, e, nb);
+        if (p16) {  // column k of E^T (nb x Kc) in P16
+          acc_t* dst = E + (k / 16) * nb * 16 + k % 16;
+          for (int64_t n = 0; n < nb; ++n) dst[n * 16] = e[n];
+        }
         alpha[k] = rescale(st[k].max, m);
         rescaled |= n0 != c0 && alpha[k] != acc_t(1);
         st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
       }
       if (rescaled)
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t k = 0; k < K; ++k) O[c * K + k] *= alpha[k];
-      // O (C x K) += F_tile (C x nb) . E^T (nb x K)
-      cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E, kTileN, O, K);
+          for (int64_t k = 0; k < K; ++k) O[c * Kc + k] *= alpha[k];
+      if (p16) {
+        for (int64_t k = K; k < Kc; ++k) {  // padding classes weigh nothing
+          acc_t* dst = E + (k / 16) * nb * 16 + k % 16;
+          for (int64_t n = 0; n < nb; ++n) dst[n * 16] = 0;
+        }
+        // O (C x Kc) += F_tile (C x nb) . E^T (nb x Kc)
+        cpu::gemm_nn_p16<acc_t>(C, nb, Kc, f_ptr + b * C * N + n0, N, E,
+                                cpu::OutView<acc_t>::row_major(O, Kc), {nullptr, false, true});
+      } else {
+        // O (C x K) += F_tile (C x nb) . E^T (nb x K)
+        cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E, kTileN, O, K);
+      }
     }
   });
 
@@ -211,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
       acc_t* o = o_ptr + bc * K;
       for (int64_t k = 0; k < K; ++k) o[k] = 0;
       for (int64_t j = 0; j < T; ++j) {
-        const acc_t* pj = part_ptr + ((b * T + j) * C + c) * K;
+        const acc_t* pj = part_ptr + ((b * T + j) * C + c) * Kc;
         const acc_t* fj = factor_ptr + (b * T + j) * K;
         for (int64_t k = 0; k < K; ++k) o[k] += pj[k] * fj[k];
       }
@@ -251,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
   acc_t* gf_ptr = gF.data_ptr<acc_t>();
   acc_t* dp_ptr = delta_part.data_ptr<acc_t>();
 
-  auto make_scratch = [&] { return std::vector<acc_t>(K * kTileN); };  // W of one tile
+  // W of one tile, in P16 (strips of 16 pixels): the B operand of the grad_F product.
+  auto make_scratch = [&] { return std::vector<acc_t>(cpu::p16_floats(K, kTileN)); };
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, std::vector<acc_t>& scratch) {
     acc_t* Wt = scratch.data();
     const int64_t b = task / T, j = task % T;
@@ -266,11 +308,11 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
         const int64_t row = b * K + k;
         dp_ptr[task * K + k] +=
             weights_dot(p_ptr + row * N + n0, s, lse_ptr[2 * row], lse_ptr[2 * row + 1],
-                        D + k * N, Wt + k * kTileN, nb);
+                        D + k * N, Wt + k * 16, 16 * K, nb);
       }
       // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
-      cpu::gemm_nn<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, kTileN, gf_ptr + b * C * N + n0,
-                          N);
+      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt,
+                              cpu::OutView<acc_t>::row_major(gf_ptr + b * C * N + n0, N));
     }
   });
 
