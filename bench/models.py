@@ -1,34 +1,34 @@
 """Whole-model CPU inference: the fast path against the eager unfused path of the same weights.
 
 For every model of ``--models`` (Cityscapes configs, mmseg's random initialisation with seeded
-random BatchNorm parameters and calibrated statistics, so that folding is not a no-op) and one float32 input
-(1x3x512x1024; 1x3x256x512 with ``--quick``):
+random BatchNorm parameters and calibrated statistics, so that folding is not a no-op) and
+float32 inputs of 1x3x512x1024 (1x3x256x512 with ``--quick``):
 
 * ``eager``: the model as built, eval mode, ``fused=False`` (plain-PyTorch OCR core), no
-  BatchNorm folding, contiguous tensors;
+  BatchNorm folding, contiguous tensors (``ocrnet bench CONFIG --no-fused``);
 * ``fast``: :func:`ocrnet.prepare_for_inference` of the same model: BatchNorm folded into the
-  convolutions, fused OCR kernels, channels_last backbone on CPU.
+  convolutions, fused OCR kernels, channels_last backbone on CPU (``ocrnet bench CONFIG``).
 
-Both run ``model(img)`` (logits resized to the input) under ``torch.no_grad()``. Timing: after
-``--warmup`` rounds, ``--repeat`` rounds in each of which both paths run once, in alternating
-order, so that a busy machine slows both alike; ``median s`` is the median over the timed
-rounds and ``vs eager`` the ratio of the two medians of the same run. ``rel err`` is
-max |fast - eager| / max |eager| of the logits, checked once before timing.
+Timing is :func:`ocrnet.benchmark.time_forwards`, the protocol fps is quoted with (and the one
+``ocrnet bench`` uses): batch 1, ``--warmup`` (5) untimed forwards, then ``--images`` (200)
+timed ones under ``torch.no_grad()``, only the forward inside the timer; the two paths
+alternate image by image (the order rotating), so that a busy machine slows both alike.
+``fps`` = images / summed forward seconds, ``median s`` the median forward, ``vs eager`` the
+ratio of the two fps of the same run. ``rel err`` is max |fast - eager| / max |eager| of the
+logits, checked once before timing.
 
-FLOPs (``GFLOP``, the same count for both rows, so ``GFLOP/s`` is proportional to speed): the
-model's multiply-adds x 2 as the eager model computes them, counted during one forward on the
-"meta" device: every ``nn.Conv2d`` (2 x output elements x in_channels / groups x kernel area)
-and ``nn.Linear`` via forward hooks, plus the matmuls of the OCR core, which are not modules:
-the spatial gather (2 x B x K x C x N) and the object attention's similarities and context
-(2 x 2 x B x N x K x D). Bias adds, BatchNorm, ReLU, softmax, resizes and sums are not counted.
-The fast path does less work than that count (out_project on the K value vectors instead of
-every pixel), so its GFLOP/s is an effective rate.
+FLOPs (``GFLOP``, :func:`ocrnet.benchmark.count_flops`, the same count for both rows, so
+``GFLOP/s`` is proportional to speed): 2 x the multiply-adds of the eager model's convolutions,
+linear layers and OCR-core matmuls (gather, similarities, context); BatchNorm, activations,
+softmax, resizes and sums are not counted; mmseg's tables count multiply-adds (GFLOP / 2). The
+fast path does less work than that count (out_project on the K value vectors instead of every
+pixel), so its GFLOP/s is an effective rate. ``params M``: parameters of the eager model.
 
 Run from the repository root::
 
-    python bench/models.py                          # hr18s, hr18, hr48, r101-d8; ~10 min
-    python bench/models.py --models hr18s --repeat 5 --json models.json
-    python bench/models.py --quick --models hr18s --repeat 1 --warmup 0   # smoke test
+    python bench/models.py                       # hr18s, hr18, hr48, r101-d8; 200 images each
+    python bench/models.py --models hr18s --images 20 --json models.json
+    python bench/models.py --quick --models hr18s --images 1 --warmup 0   # smoke test
 
 The Markdown table goes to stdout, progress to stderr.
 """
@@ -37,19 +37,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 try:
     import ocrnet
@@ -57,8 +53,10 @@ except ImportError:  # a source checkout without `pip install -e .`: use the tre
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ocrnet
 
-from ocrkernels.modules import ObjectAttention, SpatialGather
+from ocrnet.benchmark import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops, peak_rss_mib, \
+    time_forwards
 from ocrnet.models import build_segmentor
+from ocrnet.models.segmentor import count_parameters
 
 MODELS = {
     "hr18s": "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024",
@@ -68,7 +66,6 @@ MODELS = {
 }
 SHAPE = (1, 3, 512, 1024)
 QUICK_SHAPE = (1, 3, 256, 512)
-DEFAULT_REPEAT, DEFAULT_WARMUP = 3, 1
 PATHS = ("eager", "fast")
 
 
@@ -77,96 +74,8 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# FLOPs
-# --------------------------------------------------------------------------------------------
-
-def count_flops(name: str, shape: tuple[int, int, int, int]) -> dict[str, int]:
-    """FLOPs of one eager forward of config ``name`` on a ``shape`` (B, 3, H, W) input, by part:
-    ``{"backbone": ..., "aux_head": ..., "ocr_head": ..., "total": ...}`` (see the module
-    docstring for what is counted). Runs on the "meta" device: no memory, no arithmetic."""
-    with torch.device("meta"):
-        model = build_segmentor(name, fused=False, init=False).eval()
-    parts = {"backbone": model.backbone, "aux_head": model.aux_head, "ocr_head": model.ocr_head}
-    counts = {part: 0 for part in parts}
-    current: list[str] = []
-
-    def add(flops: int) -> None:
-        counts[current[-1]] += flops
-
-    def conv_hook(m: nn.Conv2d, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        kh, kw = m.kernel_size
-        add(2 * out.numel() * (m.in_channels // m.groups) * kh * kw)
-
-    def linear_hook(m: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        add(2 * out.numel() * m.in_features)
-
-    def gather_hook(m: SpatialGather, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        feats, probs = inputs  # (B, C, H, W), (B, K, H, W)
-        b, c, h, w = feats.shape
-        add(2 * b * probs.shape[1] * c * h * w)
-
-    def attention_hook(m: ObjectAttention, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        feats, regions = inputs  # (B, C, H, W), (B, C, K, 1)
-        b, _, h, w = feats.shape
-        add(2 * 2 * b * h * w * regions.shape[2] * m.channels)  # query.key^T, then A.value
-
-    handles = []
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            handles.append(mod.register_forward_hook(conv_hook))
-        elif isinstance(mod, nn.Linear):
-            handles.append(mod.register_forward_hook(linear_hook))
-        elif isinstance(mod, SpatialGather):
-            handles.append(mod.register_forward_hook(gather_hook))
-        elif isinstance(mod, ObjectAttention):
-            handles.append(mod.register_forward_hook(attention_hook))
-    def enter(part: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(m: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            current.append(part)
-        return hook
-
-    def leave(m: nn.Module, inputs: tuple[Tensor, ...], out: object) -> None:
-        current.pop()  # (a forward hook must return None, or it replaces the output)
-
-    for part, mod in parts.items():
-        # Attribute every FLOP to the top-level part that is running.
-        handles.append(mod.register_forward_pre_hook(enter(part)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
-        with torch.no_grad():
-            model(torch.empty(shape, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-# --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-
-def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int,
-                     repeat: int) -> dict[str, float]:
-    """Median seconds per step; every round runs each step once, the order alternating."""
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    gc.collect()
-    gc.disable()  # a collection inside one timed call would bias that path
-    try:
-        for r in range(repeat):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return {n: statistics.median(t) for n, t in times.items()}
-
 
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, generator: torch.Generator,
@@ -194,7 +103,7 @@ def calibrate_batchnorm(model: nn.Module, generator: torch.Generator,
         model.train(training)
 
 
-def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, repeat: int,
+def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images: int,
                 seed: int = 0) -> list[dict]:
     """The two rows (eager, fast) of one model."""
     name = MODELS[key]
@@ -205,28 +114,38 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, repeat:
     fast = ocrnet.prepare_for_inference(eager)
     img = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
     flops = count_flops(name, shape)
+    params = count_parameters(eager)
     with torch.no_grad():
         ref = eager(img)
         out = fast(img)
         err = ((out - ref).abs().max() / ref.abs().max()).item()
-        log(f"{key}: {flops['total'] / 1e9:.1f} GFLOP, rel err fast vs eager {err:.2e}; "
-            f"timing {warmup} warm-up + {repeat} rounds")
-        medians = time_interleaved({"eager": lambda: eager(img), "fast": lambda: fast(img)},
-                                   warmup, repeat)
+    del ref, out
+    log(f"{key}: {flops['total'] / 1e9:.1f} GFLOP, rel err fast vs eager {err:.2e}; "
+        f"{warmup} warm-up + {images} timed images per path")
+    step = max(1, images // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            log(f"{key}: {done}/{total} images")
+
+    timing = time_forwards({"eager": eager, "fast": fast}, shape, images, warmup,
+                           seed=seed + 1, progress=progress)
     rows = []
     for path in PATHS:
-        seconds = medians[path]
+        t = timing[path]
         rows.append({
             "model": key, "config": name, "path": path, "shape": list(shape),
-            "median_s": seconds, "speedup_vs_eager": medians["eager"] / seconds,
+            "fps": t["fps"], "seconds": t["seconds"], "median_s": t["median_s"],
+            "speedup_vs_eager": t["fps"] / timing["eager"]["fps"],
             "gflop": flops["total"] / 1e9,
             "gflop_parts": {k: v / 1e9 for k, v in flops.items() if k != "total"},
-            "gflops": flops["total"] / 1e9 / seconds,
+            "gflops": flops["total"] / 1e9 * t["fps"],
+            "params_m": params / 1e6,
             "rel_err_vs_eager": 0.0 if path == "eager" else err,
-            "repeat": repeat, "warmup": warmup,
+            "images": images, "warmup": warmup,
         })
-    log(f"{key}: eager {medians['eager']:.3f} s, fast {medians['fast']:.3f} s "
-        f"({medians['eager'] / medians['fast']:.2f}x)")
+    log(f"{key}: eager {timing['eager']['fps']:.3f} fps, fast {timing['fast']['fps']:.3f} fps "
+        f"({rows[1]['speedup_vs_eager']:.2f}x)")
     return rows
 
 
@@ -246,11 +165,13 @@ def _cpu_name() -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "path", "median s", "vs eager", "GFLOP", "GFLOP/s", "rel err"]
+    cols = ["model", "path", "fps", "median s", "vs eager", "GFLOP", "GFLOP/s", "params M",
+            "rel err"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        cells = [r["model"], r["path"], f"{r['median_s']:.3f}", f"{r['speedup_vs_eager']:.2f}x",
-                 f"{r['gflop']:.1f}", f"{r['gflops']:.1f}",
+        cells = [r["model"], r["path"], f"{r['fps']:.3f}", f"{r['median_s']:.3f}",
+                 f"{r['speedup_vs_eager']:.2f}x", f"{r['gflop']:.1f}", f"{r['gflops']:.1f}",
+                 f"{r['params_m']:.2f}",
                  "—" if r["path"] == "eager" else f"{r['rel_err_vs_eager']:.1e}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -271,14 +192,20 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
         f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
         f"- input: {'x'.join(map(str, shape))} float32, random; weights: mmseg random init, "
         "BatchNorm affine randomised and statistics calibrated on a random image (seed 0)",
-        f"- timing: median of {args.repeat} interleaved rounds after {args.warmup} warm-up "
-        "round(s); vs eager = eager median / this median",
+        f"- timing: batch 1, {args.warmup} warm-up then {args.images} timed forwards per "
+        "path, the paths alternating image by image; fps = images / summed forward time; "
+        "vs eager = this fps / eager fps",
         "- eager: fused=False, BatchNorm unfolded, contiguous; fast: "
         "ocrnet.prepare_for_inference (BN folded, fused OCR kernels, channels_last backbone)",
         "- GFLOP: conv/linear multiply-adds x2 (hooks) + the OCR core's matmuls (gather, "
         "similarities, context), as the eager model computes them; by part: " + parts,
         "- rel err: max |fast - eager| / max |eager| of the logits",
+        f"- peak RSS of the process: {_mib(peak_rss_mib())} (both paths, all models)",
     ])
+
+
+def _mib(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0f} MiB"
 
 
 def write_json(path: str, rows: list[dict]) -> None:
@@ -303,10 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=model_list, default=list(MODELS),
                    help=f"comma-separated subset of {', '.join(MODELS)} (default: all)")
-    p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
-                   help=f"timed rounds (default {DEFAULT_REPEAT})")
+    p.add_argument("--images", "--repeat", dest="images", type=int, default=DEFAULT_IMAGES,
+                   help=f"timed forwards per path (default {DEFAULT_IMAGES}; --repeat is the "
+                        "old name)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                   help=f"warm-up rounds (default {DEFAULT_WARMUP})")
+                   help=f"untimed forwards per path first (default {DEFAULT_WARMUP})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads before measuring (default: torch's default)")
     p.add_argument("--quick", action="store_true",
@@ -314,8 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{'x'.join(map(str, SHAPE))} (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = p.parse_args(argv)
-    if args.repeat < 1 or args.warmup < 0:
-        p.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.images < 1 or args.warmup < 0:
+        p.error("--images must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args
@@ -329,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = QUICK_SHAPE if args.quick else SHAPE
     rows: list[dict] = []
     for key in args.models:
-        rows += bench_model(key, shape, args.warmup, args.repeat)
+        rows += bench_model(key, shape, args.warmup, args.images)
         if args.json:  # after every model, so an interrupted run keeps what it measured
             write_json(args.json, rows)
     print(header(args, shape, started, rows))

@@ -8,12 +8,13 @@ Checkpoints saved by mmsegmentation load strictly (same state-dict keys); see
 :mod:`ocrnet.checkpoint`. Configs: :func:`list_configs`, :func:`get_config`.
 """
 
-from .api import init_model
+from .api import init_model, load_model
 from .checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from .configs import Config, get_config, list_configs
 from .fastpath import inference, prepare_for_inference
+from .metrics import IoUMetric
 from .models import OCRNet, build_segmentor
 
-__all__ = ["CheckpointError", "Config", "OCRNet", "build_segmentor", "convert_checkpoint",
-           "get_config", "inference", "init_model", "list_configs", "load_checkpoint",
-           "prepare_for_inference"]
+__all__ = ["CheckpointError", "Config", "IoUMetric", "OCRNet", "build_segmentor",
+           "convert_checkpoint", "get_config", "inference", "init_model", "list_configs",
+           "load_checkpoint", "load_model", "prepare_for_inference"]

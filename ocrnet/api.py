@@ -1,16 +1,18 @@
-"""High-level entry point: a ready-to-run model from a config name and a checkpoint."""
+"""High-level entry points: a ready-to-run model from a config name and a checkpoint, or from a
+checkpoint alone."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .configs import Config, get_config
 from .models.segmentor import OCRNet, build_segmentor
 
-__all__ = ["init_model"]
+__all__ = ["init_model", "load_model"]
 
 
 def init_model(config: str | Config, checkpoint: str | os.PathLike | None = None,
@@ -26,10 +28,72 @@ def init_model(config: str | Config, checkpoint: str | os.PathLike | None = None
 
     Returns:
         the model; ``model(img)`` maps a normalised (B, 3, H, W) image to (B, K, H, W) logits.
+
+    Raises:
+        FileNotFoundError: no checkpoint file; CheckpointError: unreadable, or weights that do
+            not fit the config (the message starts with the config's name).
     """
     cfg = get_config(config)
     # Without a checkpoint the random init is the point; with one it would be overwritten.
     model = build_segmentor(cfg, fused=fused, init=checkpoint is None)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        try:
+            load_checkpoint(model, checkpoint)
+        except CheckpointError as exc:
+            raise CheckpointError(f"config {cfg.name}: {exc}") from None
     return model.to(device).eval()
+
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def load_model(spec: str | os.PathLike, config: str | Config | None = None,
+               device: str | torch.device = "cpu", fused: bool = False
+               ) -> tuple[OCRNet, Config, str | None]:
+    """A model from a checkpoint file or a config, as the command line names them.
+
+    Args:
+        spec: a checkpoint file (``.pth``, ``.pt``, ``.ckpt``, ``.bin``: mmsegmentation,
+            ocrnet or ``ocrnet train`` format), or a config (registered name, synthetic config
+            name or ``config.json``: random mmseg init).
+        config: the config of a checkpoint; default the one its meta names (ocrnet
+            checkpoints written with a config and training checkpoints name theirs).
+        device, fused: as :func:`init_model`.
+
+    Returns:
+        (model in eval mode, its config, the checkpoint path or None).
+
+    Raises:
+        FileNotFoundError: a checkpoint path that does not exist.
+        ValueError: no config can be found; CheckpointError: weights that do not fit.
+    """
+    from .train import config_from_dict, resolve_config  # synthetic names and JSON files
+
+    text = os.fspath(spec)
+    is_ckpt = text.lower().endswith(_CHECKPOINT_SUFFIXES)
+    if not is_ckpt:
+        if config is not None:
+            raise ValueError(f"load_model: {text!r} is a config; --config applies to "
+                             "checkpoints only")
+        cfg = resolve_config(text)
+        return init_model(cfg, None, device, fused), cfg, None
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"checkpoint {text!r} does not exist or is not a file")
+    if config is not None:
+        cfg = resolve_config(config)
+    else:
+        _, meta = read_checkpoint(text)
+        name = meta.get("config")
+        if isinstance(name, str) and name:
+            try:
+                cfg = resolve_config(name)
+            except ValueError:
+                cfg = None
+            if cfg is None and isinstance(meta.get("config_dict"), dict):
+                cfg = config_from_dict(meta["config_dict"])
+        else:
+            cfg = None
+        if cfg is None:
+            raise ValueError(f"checkpoint {text!r} names no known config in its meta; pass "
+                             "the config (--config NAME)")
+    return init_model(cfg, text, device, fused), cfg, text

@@ -238,14 +238,18 @@ def test_models_bench_smoke(tmp_path):
     out = tmp_path / "models.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "models.py"), "--quick", "--models", "hr18s",
-         "--repeat", "1", "--warmup", "0", "--threads", "1", "--json", str(out)],
+         "--images", "2", "--warmup", "0", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "| model | path | median s | vs eager |" in proc.stdout
+    assert "| model | path | fps | median s | vs eager |" in proc.stdout
     rows = json.loads(out.read_text())
     assert [(r["model"], r["path"]) for r in rows] == [("hr18s", "eager"), ("hr18s", "fast")]
     for r in rows:
-        assert r["median_s"] > 0 and r["gflops"] > 0 and r["shape"] == [1, 3, 256, 512]
+        assert r["shape"] == [1, 3, 256, 512] and r["images"] == 2 and r["warmup"] == 0
+        assert r["fps"] == pytest.approx(2 / r["seconds"]) and r["median_s"] > 0
+        assert r["gflops"] == pytest.approx(r["gflop"] * r["fps"])
         # 177.7 GFLOP at 512x1024 (the design's 178); a quarter of the pixels here.
         assert 177.7 / 4 * 0.99 <= r["gflop"] <= 177.7 / 4 * 1.01
+        assert r["params_m"] == pytest.approx(6.378496)
+    assert rows[1]["speedup_vs_eager"] == pytest.approx(rows[1]["fps"] / rows[0]["fps"])
     assert rows[1]["rel_err_vs_eager"] <= TOL

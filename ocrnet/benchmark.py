@@ -1,0 +1,273 @@
+"""Inference speed as users quote it, FLOPs, parameters and peak memory; ``ocrnet bench``.
+
+    ocrnet bench ocrnet_hr18s_4xb2-40k_cityscapes-512x1024            # fused (fast path)
+    ocrnet bench ocrnet_hr18s_4xb2-40k_cityscapes-512x1024 --no-fused # plain-PyTorch reference
+
+Protocol (DESIGN.md section 4, mmseg's ``tools/analysis_tools/benchmark.py``): batch 1, the
+model in eval mode under ``torch.no_grad()``, ``warmup`` (5) untimed forwards, then ``images``
+(200) timed forwards; only ``model(x)`` is inside the timer (inputs are made beforehand), and
+on CUDA the device is synchronised before the clock starts and before it stops. fps = images /
+the summed forward time. The inputs are random normalised images of the config's crop size
+(512x1024 for Cityscapes); the forward's cost does not depend on pixel values, so a pool of
+a few distinct inputs is cycled rather than 200 held in memory. :func:`time_forwards` takes
+several models and alternates them image by image, so that on a shared machine a slow spell
+slows all of them alike (``bench/models.py`` times fused against reference this way).
+
+FLOPs (:func:`count_flops`): 2 x the multiply-adds of one eager forward, counted on the "meta"
+device (no memory, no arithmetic): every ``nn.Conv2d`` (2 x output elements x in_channels /
+groups x kernel area) and ``nn.Linear`` through forward hooks, plus the OCR core's matmuls,
+which are not modules: the spatial gather (2 x B x K x C x N) and the object attention's
+similarities and context (2 x 2 x B x N x K x D). Bias adds, BatchNorm, ReLU, softmax, resizes
+and sums are not counted. mmseg's tables (fvcore / mmcv counters) count one multiply-add as one
+"FLOP": compare their numbers with ``gmac`` = GFLOP / 2.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed forwards of each model;
+on the CPU the process's peak resident set size (``ru_maxrss``: weights, inputs, activations
+and the Python / torch runtime together; one number for the whole process).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DEFAULT_IMAGES", "DEFAULT_WARMUP", "bench_config", "count_flops", "peak_rss_mib",
+           "time_forwards"]
+
+DEFAULT_IMAGES, DEFAULT_WARMUP = 200, 5
+_POOL = 4  # distinct random inputs cycled through the timed forwards
+
+
+def count_flops(config, shape: tuple[int, int, int, int]) -> dict[str, int]:
+    """FLOPs of one eager forward of ``config`` (a name or Config) on a ``shape``
+    (B, 3, H, W) input, by part: ``{"backbone", "aux_head", "ocr_head", "total"}`` (see the
+    module docstring for what is counted)."""
+    from ocrkernels.modules import ObjectAttention, SpatialGather
+
+    from .models import build_segmentor
+    with torch.device("meta"):
+        model = build_segmentor(config, fused=False, init=False).eval()
+    parts = {"backbone": model.backbone, "aux_head": model.aux_head, "ocr_head": model.ocr_head}
+    counts = {part: 0 for part in parts}
+    current: list[str] = []
+
+    def add(flops: int) -> None:
+        counts[current[-1]] += flops
+
+    def conv_hook(m: nn.Conv2d, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        kh, kw = m.kernel_size
+        add(2 * out.numel() * (m.in_channels // m.groups) * kh * kw)
+
+    def linear_hook(m: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        add(2 * out.numel() * m.in_features)
+
+    def gather_hook(m: SpatialGather, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        feats, probs = inputs  # (B, C, H, W), (B, K, H, W)
+        b, c, h, w = feats.shape
+        add(2 * b * probs.shape[1] * c * h * w)
+
+    def attention_hook(m: ObjectAttention, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        feats, regions = inputs  # (B, C, H, W), (B, C, K, 1)
+        b, _, h, w = feats.shape
+        add(2 * 2 * b * h * w * regions.shape[2] * m.channels)  # query.key^T, then A.value
+
+    hooks = {nn.Conv2d: conv_hook, nn.Linear: linear_hook, SpatialGather: gather_hook,
+             ObjectAttention: attention_hook}
+    handles = []
+    for mod in model.modules():
+        for kind, hook in hooks.items():
+            if isinstance(mod, kind):
+                handles.append(mod.register_forward_hook(hook))
+                break
+
+    def enter(part: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(m: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            current.append(part)
+        return hook
+
+    def leave(m: nn.Module, inputs: tuple[Tensor, ...], out: object) -> None:
+        current.pop()  # (a forward hook must return None, or it replaces the output)
+
+    for part, mod in parts.items():
+        # Attribute every FLOP to the top-level part that is running.
+        handles.append(mod.register_forward_pre_hook(enter(part)))
+        handles.append(mod.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(torch.empty(shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident set size in MiB (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+@torch.no_grad()
+def time_forwards(models: Mapping[str, nn.Module], shape: tuple[int, int, int, int],
+                  images: int = DEFAULT_IMAGES, warmup: int = DEFAULT_WARMUP, seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """Time ``images`` forwards of every model after ``warmup`` untimed ones, alternating
+    the models image by image (the order rotating), on random (B, 3, H, W) = ``shape`` inputs.
+
+    Args:
+        models: name -> model (eval mode; all on the same device).
+        progress: optional ``progress(done, total)`` after every image.
+
+    Returns:
+        name -> ``{"fps", "seconds" (summed forward time), "median_s" (median forward),
+        "images", "warmup", "peak_mem_mib" (CUDA: peak allocated during that model's timed
+        forwards; CPU: None)}``.
+    """
+    if images < 1 or warmup < 0:
+        raise ValueError(f"time_forwards: images must be >= 1 and warmup >= 0, got {images}, "
+                         f"{warmup}")
+    names = list(models)
+    device = next(models[names[0]].parameters()).device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator().manual_seed(seed)
+    pool = [torch.randn(shape, generator=g).to(device) for _ in range(min(_POOL, images))]
+    for m in models.values():
+        m.eval()
+    for i in range(warmup):
+        for name in names:
+            models[name](pool[i % len(pool)])
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peak: dict[str, int] = {n: 0 for n in names}
+    gc.collect()
+    gc.disable()  # a collection inside one timed forward would bias that model
+    try:
+        for i in range(images):
+            x = pool[i % len(pool)]
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync()
+                start = time.perf_counter()
+                models[name](x)
+                sync()
+                times[name].append(time.perf_counter() - start)
+                if cuda:
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+            if progress is not None:
+                progress(i + 1, images)
+    finally:
+        gc.enable()
+    return {n: {"fps": images / sum(t), "seconds": sum(t), "median_s": statistics.median(t),
+                "images": images, "warmup": warmup,
+                "peak_mem_mib": peak[n] / (1 << 20) if cuda else None}
+            for n, t in times.items()}
+
+
+def bench_config(config, *, fused: bool = True, shape: tuple[int, int] | None = None,
+                 images: int = DEFAULT_IMAGES, warmup: int = DEFAULT_WARMUP,
+                 device: str = "auto", checkpoint: str | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """``ocrnet bench``: fps, FLOPs, parameters and peak memory of one config.
+
+    Args:
+        config: a config name, synthetic config name, ``config.json`` or Config.
+        fused: the inference fast path (:func:`ocrnet.prepare_for_inference`: BatchNorm folded,
+            fused OCR kernels, channels_last backbone on CPU); False: the model as built with
+            the plain-PyTorch OCR head, nothing folded.
+        shape: input (H, W); default the config's crop size.
+        checkpoint: weights to load (speed does not depend on them; default mmseg's init).
+
+    Returns:
+        ``config``, ``path`` ("fused" / "reference"), ``shape`` [1, 3, H, W], ``device``,
+        ``threads``, ``fps``, ``median_s``, ``seconds``, ``images``, ``warmup``, ``gflop``,
+        ``gmac``, ``gflop_parts``, ``params_m`` (millions), ``peak_mem_mib`` and
+        ``peak_mem_kind`` ("cuda allocated" or "process RSS").
+    """
+    from .api import init_model
+    from .data.io import Progress
+    from .fastpath import prepare_for_inference
+    from .models.segmentor import count_parameters
+    from .train import resolve_config
+
+    cfg = resolve_config(config)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    h, w = tuple(shape) if shape is not None else tuple(cfg.data.crop_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"bench: shape must be positive, got {h}x{w}")
+    full = (1, 3, h, w)
+    model = init_model(cfg, checkpoint, device=device, fused=False)
+    params = count_parameters(model)  # before folding: the checkpoint's parameters
+    if fused:
+        model = prepare_for_inference(model)
+    path = "fused" if fused else "reference"
+    flops = count_flops(cfg, full)
+    bar = Progress(images, f"bench {cfg.name} ({path})", enabled=progress)
+    try:
+        timing = time_forwards({path: model}, full, images, warmup,
+                               progress=lambda done, total: bar.step())[path]
+    finally:
+        bar.close()
+    cuda = device.startswith("cuda")
+    return {"config": cfg.name, "path": path, "shape": list(full), "device": device,
+            "threads": torch.get_num_threads(), **timing,
+            "gflop": flops["total"] / 1e9, "gmac": flops["total"] / 2e9,
+            "gflop_parts": {k: v / 1e9 for k, v in flops.items() if k != "total"},
+            "params_m": params / 1e6,
+            "peak_mem_mib": timing["peak_mem_mib"] if cuda else peak_rss_mib(),
+            "peak_mem_kind": "cuda allocated" if cuda else "process RSS"}
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def format_result(r: Mapping[str, Any]) -> str:
+    """A few lines for the console."""
+    mem = "?" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f} MiB"
+    return "\n".join([
+        f"{r['config']} ({r['path']}), input {'x'.join(map(str, r['shape']))}, {r['device']}"
+        f", {r['threads']} threads",
+        f"  fps {r['fps']:.3f} ({r['images']} images after {r['warmup']} warm-up, batch 1; "
+        f"median forward {1000 * r['median_s']:.1f} ms)",
+        f"  {_num(r['gflop'])} GFLOP ({_num(r['gmac'])} GMAC), {r['params_m']:.2f} M "
+        "parameters",
+        f"  peak memory {mem} ({r['peak_mem_kind']})"])
+
+
+def _main_for_cli(args) -> int:
+    """``ocrnet bench`` (see :mod:`ocrnet.cli`)."""
+    from .cli import print_error
+    from .data.io import write_text_atomic
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"bench: --threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        result = bench_config(args.config, fused=args.fused, shape=args.shape,
+                              images=args.images, warmup=args.warmup, device=args.device,
+                              checkpoint=args.checkpoint, progress=True)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(result, indent=1).splitlines())
+    except Exception as exc:  # noqa: BLE001 -- print_error re-raises what is not bad input
+        return print_error("bench", exc)
+    print(format_result(result))
+    return 0
