@@ -42,6 +42,12 @@ Run from the repository root (with the package importable)::
     python bench/run.py --ops object_attention --no-matmul
     python bench/run.py --device cuda --shapes ade20k --modes fwd --json results.json
 
+On CUDA, when the Triton backend is available (and without ``--quick`` / ``--no-do-bench``),
+a second table times the Triton kernels and the eager reference with
+``triton.testing.do_bench`` (median) at the Cityscapes / ADE20K shapes and reports GB/s and
+TFLOP/s from the byte/FLOP model of ``bench/gpu_model.py``, which is printed after it;
+``--gpu-model`` prints that model alone, on any machine (docs/GPU.md).
+
 The Markdown table goes to stdout, progress and warnings to stderr.
 """
 
@@ -215,18 +221,22 @@ def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> 
     recompute = copy.deepcopy(fused)
     recompute.recompute = True
     calls = {EAGER: _eval_or_train_call(reference), "cpu": _eval_or_train_call(fused),
-             RECOMPUTE: _eval_or_train_call(recompute)}
+             "triton": _eval_or_train_call(fused), RECOMPUTE: _eval_or_train_call(recompute)}
     return OpFns(reference=calls[EAGER], call_backend=calls.__getitem__,
                  reference64=_eval_or_train_call(copy.deepcopy(reference).double()),
                  params=lambda impl: tuple(calls[impl].train_block.parameters()),
-                 only_modes={RECOMPUTE: ("fwd+bwd",)})
+                 only_modes={RECOMPUTE: ("fwd+bwd",), "triton": ("fwd",)})
 
 
 def _object_attention_backends(device: torch.device) -> list[str]:
-    # block.fused = True runs the fused kernel only where "auto" resolves to the C++ CPU
-    # backend; elsewhere it would silently run the reference, so there is no other backend.
-    if ocrkernels.resolve_backend("auto", device) == "cpu":
+    # block.fused = True runs the fused eval kernel where "auto" resolves to the C++ CPU
+    # backend or to Triton (CUDA; training then runs attention_train's PyTorch ops, so the
+    # "triton" row is eval only); elsewhere it would silently run the reference.
+    auto = ocrkernels.resolve_backend("auto", device)
+    if auto == "cpu":
         return ["cpu", RECOMPUTE, EAGER]
+    if auto == "triton":
+        return ["triton", EAGER]
     return [EAGER]
 
 
@@ -660,6 +670,77 @@ def write_json_atomic(path: str, rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# GPU: Triton kernels timed with triton.testing.do_bench, against the byte/FLOP model
+# --------------------------------------------------------------------------------------------
+
+def triton_do_bench_rows(device: torch.device, dtype: torch.dtype,
+                         shape_names: list[str] | None) -> list[dict]:
+    """On CUDA with the Triton backend available: median time (triton.testing.do_bench) of the
+    Triton kernels and of the eager reference at the model's shapes (gpu_model.SHAPES), with
+    the GB/s and TFLOP/s the byte/FLOP model of bench/gpu_model.py implies (fused bytes for the
+    Triton rows, unfused for the reference rows)."""
+    import triton.testing
+
+    import gpu_model
+
+    props = torch.cuda.get_device_properties(device)
+    dev = gpu_model.Device(props.name, 0.0, 0.0, props.multi_processor_count)
+    elt = torch.empty((), dtype=dtype).element_size()
+    rows = []
+
+    def add(op: str, shape: str, mode: str, impl: str, fn: Callable[[], object],
+            cost: "gpu_model.Cost") -> None:
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        rows.append({"op": op, "impl": impl, "shape": shape, "mode": mode, "median_ms": ms,
+                     "model_bytes": cost.bytes, "model_flops": cost.flops,
+                     "gbps": cost.bytes / ms / 1e6, "tflops": cost.flops / ms / 1e9,
+                     "device": str(device)})
+
+    for name in shape_names or list(gpu_model.SHAPES):
+        if name not in gpu_model.SHAPES:
+            continue
+        s = gpu_model.SHAPES[name]
+        N = s["H"] * s["W"]
+        torch.manual_seed(0)
+        # spatial gather, forward and forward + backward
+        probs, feats = (t.to(device=device, dtype=dtype) for t in _spatial_gather_inputs(s))
+        g = _describe_bckn(s)
+        costs = gpu_model.gather_costs(s["B"], s["C"], s["K"], N, elt, dev)
+        leaves = requires_grad_copies((probs, feats))
+        grad_out = torch.randn(s["B"], s["C"], s["K"], 1, device=device, dtype=dtype)
+        for impl, model in (("triton", "fused"), (EAGER, "unfused")):
+            fn = _spatial_gather_backend(impl)
+            add("spatial_gather", g, "fwd", impl, lambda fn=fn: fn(probs, feats),
+                costs[(model, "fwd")])
+            both = gpu_model.Cost(costs[(model, "fwd")].bytes + costs[(model, "bwd")].bytes,
+                                  costs[(model, "fwd")].flops + costs[(model, "bwd")].flops)
+            add("spatial_gather", g, "fwd+bwd", impl,
+                lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, grad_out), both)
+        # object attention, eval
+        feats, regions = (t.to(device=device, dtype=dtype)
+                          for t in _object_attention_inputs(s))
+        fns = _object_attention_fns(s, device, dtype)
+        costs = gpu_model.attention_eval_costs(s["B"], s["C"], s["D"], s["K"], N, elt)
+        for impl, model in (("triton", "fused"), (EAGER, "unfused")):
+            fn = fns.call_backend(impl)
+            add("object_attention", _describe_bcdkn(s), "fwd", impl,
+                lambda fn=fn: fn(feats, regions), costs[(model, "fwd")])
+    return rows
+
+
+def do_bench_table(rows: list[dict]) -> str:
+    cols = ["op", "impl", "shape", "mode", "median ms", "model MB", "GB/s", "TFLOP/s"]
+    lines = ["### Triton kernels (triton.testing.do_bench, median; bytes and FLOPs from "
+             "bench/gpu_model.py)", "",
+             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['impl']} | {r['shape']} | {r['mode']} | "
+                     f"{r['median_ms']:.4f} | {r['model_bytes'] / 1e6:.1f} | {r['gbps']:.0f} | "
+                     f"{r['tflops']:.1f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -709,6 +790,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="small shapes, few repeats, a small matmul calibration (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    p.add_argument("--gpu-model", action="store_true",
+                   help="print the byte/FLOP model of the GPU kernels on A100 and H100 "
+                        "(bench/gpu_model.py; any machine) and exit")
+    p.add_argument("--no-do-bench", dest="do_bench", action="store_false",
+                   help="on CUDA, skip the triton.testing.do_bench table of the Triton kernels")
     args = p.parse_args(argv)
     if (args.repeat is not None and args.repeat < 1) or (args.warmup is not None
                                                          and args.warmup < 0):
@@ -733,6 +819,11 @@ def op_timing(op: OpSpec, args: argparse.Namespace) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gpu_model:
+        import gpu_model
+
+        print(gpu_model.markdown(gpu_model.model_rows()))
+        return 0
     started = datetime.datetime.now().astimezone()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -767,6 +858,21 @@ def main(argv: list[str] | None = None) -> int:
     print(header(args, device, started, timing, matmul, matmul_shape, notes))
     print()
     print(markdown_table(rows))
+    if device.type == "cuda" and args.do_bench and not args.quick:
+        if "triton" in ocrkernels.available_backends(device):
+            import gpu_model
+
+            log("Triton kernels: triton.testing.do_bench at the model's shapes")
+            gpu_rows = triton_do_bench_rows(device, dtype, args.shapes)
+            print()
+            print(do_bench_table(gpu_rows))
+            print()
+            print(gpu_model.markdown(gpu_model.model_rows(
+                torch.empty((), dtype=dtype).element_size())))
+            rows += gpu_rows
+        else:
+            log("NOTE: the Triton backend is not available on this device, no do_bench table: "
+                + str(ocrkernels.ops._unavailable_reason("triton", device)))
     if args.json:
         write_json_atomic(args.json, rows)
         log(f"wrote {len(rows)} rows to {args.json}")

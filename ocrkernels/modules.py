@@ -129,9 +129,10 @@ class ObjectAttention(nn.Module):
         _check_matches_module(self, "ObjectAttention", feats=feats, regions=regions)
         if self.fused and self.training and self._can_train_fused():
             return self._fused_train(feats, regions)
-        if (self.fused and not self.training and not torch.is_grad_enabled()
-                and ops.resolve_backend("auto", feats.device) == "cpu"):
-            return self._fused_eval(feats, regions)
+        if self.fused and not self.training and not torch.is_grad_enabled():
+            impl = ops.resolve_backend("auto", feats.device)
+            if impl in ("cpu", "triton"):
+                return self._fused_eval(feats, regions, impl)
         return reference.object_attention(feats, regions, self.query_project, self.key_project,
                                           self.value_project, self.out_project, self.bottleneck,
                                           self.channels)
@@ -172,8 +173,9 @@ class ObjectAttention(nn.Module):
             update_running_stats(bn, running[2 * i], running[2 * i + 1])
         return out.view(B, C, H, W).to(feats.dtype)
 
-    def _fused_eval(self, feats: Tensor, regions: Tensor) -> Tensor:
-        """The per-pixel chain in one kernel; the K-column projections stay in PyTorch."""
+    def _fused_eval(self, feats: Tensor, regions: Tensor, impl: str = "cpu") -> Tensor:
+        """The per-pixel chain in one kernel (C++ for ``impl="cpu"``, Triton for
+        ``"triton"``); the K-column projections stay in PyTorch."""
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
         C = self.in_channels
         key = self.key_project(regions).flatten(2).to(dtype)  # B, D, K
@@ -185,9 +187,13 @@ class ObjectAttention(nn.Module):
         wq1, bq1 = fold_conv_bn(self.query_project[0], dtype)
         wq2, bq2 = fold_conv_bn(self.query_project[1], dtype)
         wb, bb = fold_conv_bn(self.bottleneck, dtype)
-        out = torch.ops.ocrkernels.object_attention_eval(
-            feats.to(dtype), wq1, bq1, wq2, bq2, keys, values,
-            wb[:, :C].contiguous(), wb[:, C:].contiguous(), bb)
+        args = (wq1, bq1, wq2, bq2, keys, values, wb[:, :C].contiguous(),
+                wb[:, C:].contiguous(), bb)
+        if impl == "triton":  # fp16/bf16 stay so in memory; folded in fp32, then rounded once
+            from .triton.object_attention import object_attention_eval
+
+            return object_attention_eval(feats, *(t.to(feats.dtype) for t in args))
+        out = torch.ops.ocrkernels.object_attention_eval(feats.to(dtype), *args)
         return out.to(feats.dtype)
 
 

@@ -4,9 +4,13 @@ Backends:
     ``reference``  plain PyTorch (:mod:`ocrkernels.reference`), any device, always available.
     ``cpu``        the C++ kernels of ``ocrkernels._C`` (OpenMP, vectorised), CPU tensors.
     ``cuda``       CUDA kernels of ``ocrkernels._C`` when it was built with them, CUDA tensors.
-    ``triton``     Triton kernels, CUDA tensors.
+    ``triton``     Triton kernels (:mod:`ocrkernels.triton`): CUDA tensors when Triton imports
+                   and torch sees a GPU of compute capability >= 8.0; CPU tensors only with
+                   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests on small shapes).
     ``auto``       the default: CPU tensors -> ``cpu`` when the extension is built, CUDA
                    tensors -> ``triton`` or ``cuda`` when available; otherwise ``reference``.
+                   ``auto`` never picks the interpreter: CPU tensors run ``triton`` only when
+                   asked for by name (argument or ``OCRKERNELS_BACKEND``).
 
 The environment variable ``OCRKERNELS_BACKEND`` replaces ``auto`` (an explicit ``backend=``
 argument other than ``auto`` always wins). Asking for a backend that is not available raises
@@ -65,7 +69,9 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
                     (" (rebuild with nvcc present, or FORCE_CUDA=1)" if backend == "cuda" else ""))
         return None
     if backend == "triton":
-        return "Triton kernels are not part of this version of ocrkernels"
+        from .triton import unavailable_reason  # no Triton import until asked
+
+        return unavailable_reason(device)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -153,6 +159,10 @@ def spatial_gather(probs: Tensor, feats: Tensor, scale: float = 1.0, *,
     impl = resolve_backend(backend, probs.device)
     if impl == "reference":
         return reference.spatial_gather(probs, feats, float(scale))
+    if impl == "triton":
+        from .triton import spatial_gather as triton_gather
+
+        return triton_gather.spatial_gather(probs, feats, float(scale))
     return torch.ops.ocrkernels.spatial_gather(probs, feats, float(scale))
 
 

@@ -36,10 +36,72 @@ def test_unknown_backend():
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_unavailable_backend_says_why(backend):
+def test_unavailable_backend_says_why(backend, monkeypatch):
+    # without the interpreter, Triton runs only on CUDA tensors
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p, f = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3)
     with pytest.raises(RuntimeError, match=f"backend '{backend}' is not available: .+"):
         ocrkernels.spatial_gather(p, f, backend=backend)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_request_without_a_gpu_is_clear_and_auto_falls_back():
+    """CUDA tensors cannot exist here, but the backend choice for a CUDA device must still say
+    why Triton cannot run (never crash), and auto must fall back to what can."""
+    cuda = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: "):
+        ops.resolve_backend("triton", cuda)
+    assert ops.available_backends(cuda)[-1] == "reference"
+    assert "triton" not in ops.available_backends(cuda)
+    assert ops.resolve_backend("auto", cuda) in ("cuda", "reference")
+
+
+def test_triton_missing_gives_a_clear_error(monkeypatch):
+    """A machine (with or without a GPU) where Triton is not installed: explicit requests say
+    so, auto on CUDA falls back to the other backends."""
+    import ocrkernels.triton as ot
+
+    monkeypatch.setattr(ot, "triton_import_error", lambda: "ModuleNotFoundError: no triton")
+    for device in ("cpu", "cuda"):
+        reason = ops._unavailable_reason("triton", torch.device(device))
+        assert "Triton could not be imported" in reason and "pip install triton" in reason
+        assert "triton" not in ops.available_backends(device)
+    p, f = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="Triton could not be imported"):
+        ocrkernels.spatial_gather(p, f, backend="triton")
+
+
+def test_package_imports_and_runs_without_triton(tmp_path):
+    """With `import triton` failing, the package imports, the other backends run and the
+    Triton backend says why it cannot (a fresh interpreter with triton blocked)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, ocrkernels\n"
+        "p, f = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3)\n"
+        "out = ocrkernels.spatial_gather(p, f, backend='reference')\n"
+        "assert out.shape == (1, 4, 2, 1)\n"
+        "try:\n"
+        "    ocrkernels.spatial_gather(p, f, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert "ERR ocrkernels backend 'triton' is not available: Triton could not be imported" \
+        in proc.stdout
 
 
 @needs_ext

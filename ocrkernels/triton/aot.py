@@ -1,0 +1,290 @@
+"""Ahead-of-time compile check: every kernel, config and dtype, for sm_80 and sm_90, no GPU.
+
+The interpreter (the CPU tests) accepts programs that the GPU compiler rejects: a ``tl.dot``
+with a block dimension below 16, a shared-memory footprint beyond the device's, operands of
+mixed dtypes, a constexpr used as a runtime value. This module runs ``triton.compile`` on each
+kernel of :mod:`.kernels` for each entry of ``CONFIGS`` (the autotune space) and each input
+dtype, down to a cubin (ptxas included), for ``GPUTarget("cuda", 80, 32)`` (A100) and
+``GPUTarget("cuda", 90, 32)`` (H100), and checks the shared memory each needs against the
+target's per-block limit.
+
+Specialisations compiled: integer arguments as i32 (every size and stride below 2^31; the
+kernels form their offsets in int64 anyway), pointers 16-byte aligned (what torch allocates),
+and for the constexprs that follow the problem size (the padded class count of the gather's
+backward and of the attention, the padded key channels of the attention) the published
+configurations: D=256 and K=19 (Cityscapes; K=21 of VOC pads alike) and K=150 (ADE20K).
+
+Run ``python -m ocrkernels.triton.aot`` (``--jobs N`` processes, default all cores); the exit
+status is 1 when anything fails. ``tests/test_triton_aot.py`` runs the same check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["TARGETS", "SHARED_LIMIT", "Job", "Result", "jobs", "compile_job", "run_check"]
+
+# (backend, capability, warp size) of the targets and their opt-in shared memory per block
+TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32)}
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+# class counts whose padded sizes are compiled (see the module docstring)
+K_VALUES = {"K19": 19, "K150": 150}
+D_CHANNELS = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    """One compilation: kernel `kernel` with config `config` (index into
+    CONFIGS[kernel][regime]) for inputs of `dtype`, class-count specialisation `spec`, on
+    `target` (a key of TARGETS)."""
+    kernel: str
+    regime: str
+    config: int
+    dtype: str
+    spec: str
+    target: str
+    # extra or replacing meta-parameters (used by tests to compile a deliberately bad config)
+    override: tuple = ()
+
+    def describe(self) -> str:
+        extra = f" override={dict(self.override)}" if self.override else ""
+        return (f"{self.kernel} {self.regime}#{self.config} {self.dtype} {self.spec} "
+                f"{self.target}{extra}")
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool
+    seconds: float
+    shared: int | None = None
+    error: str = ""
+    stages: list = field(default_factory=list)
+
+
+def _sig(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+            torch.float64: "fp64"}[dtype]
+
+
+def _signature(kernel: str, dtype: torch.dtype, k_value: int):
+    """(signature, runtime constexprs) of `kernel` for inputs of `dtype` (what the launch
+    code passes as ACC / DOT_UP / PRECISION and the size-derived blocks), GPU semantics."""
+    from . import kernels as K_
+
+    t = "*" + _sig(dtype)
+    acc = "*" + ("fp64" if dtype == torch.float64 else "fp32")
+    flags = dict(ACC=K_.acc_dtype(dtype), DOT_UP=K_.dot_upcast(dtype, interpreter=False),
+                 PRECISION=K_.dot_precision(dtype))
+    if kernel == "gather_partials":
+        sig = dict(P=t, F=t, m_part=acc, l_part=acc, acc_part=acc, K="i32", C="i32", N="i32",
+                   chunk="i32", S="i32", stride_pb="i32", stride_pk="i32", stride_pn="i32",
+                   stride_fb="i32", stride_fc="i32", stride_fn="i32", scale="fp32")
+        return sig, flags
+    if kernel == "gather_merge":
+        sig = dict(m_part=acc, l_part=acc, acc_part=acc, out=t, lse=acc, K="i32", C="i32",
+                   S="i32", stride_ob="i32", stride_oc="i32", stride_ok="i32")
+        return sig, dict(ACC=flags["ACC"])
+    if kernel == "gather_backward":
+        sig = dict(G=t, P=t, F=t, lse=acc, T=acc, delta_part=acc, gF=t, K="i32", C="i32",
+                   N="i32", stride_gb="i32", stride_gc="i32", stride_gk="i32",
+                   stride_pb="i32", stride_pk="i32", stride_pn="i32", stride_fb="i32",
+                   stride_fc="i32", stride_fn="i32", scale="fp32")
+        return sig, dict(flags, BLOCK_K=K_.next_pow2(k_value))
+    if kernel == "gather_softmax_backward":
+        sig = dict(P=t, lse=acc, T=acc, delta=acc, gP=t, K="i32", N="i32", stride_pb="i32",
+                   stride_pk="i32", stride_pn="i32", scale="fp32")
+        return sig, dict(ACC=flags["ACC"])
+    if kernel == "attention_eval":
+        sig = dict(X=t, WQ1=t, BQ1=t, WQ2=t, BQ2=t, KEYS=t, VALUES=t, WCTX=t, WX=t, BOUT=t,
+                   OUT=t, C="i32", D="i32", K="i32", N="i32", stride_xb="i32",
+                   stride_xc="i32", stride_xn="i32")
+        return sig, dict(flags, D_PAD=K_.next_pow2(D_CHANNELS), K_PAD=K_.next_pow2(k_value))
+    raise KeyError(kernel)
+
+
+def _uses(kernel: str, regime: str, dtype: str, spec: str) -> bool:
+    """Whether the launch code runs `kernel` with the configs of `regime` for inputs of
+    `dtype` at class-count specialisation `spec`: the same choice as kernels.regime()."""
+    from . import kernels as K_
+
+    return K_.regime(kernel, DTYPES[dtype], K_.next_pow2(K_VALUES[spec])) == regime
+
+
+def _specs(kernel: str) -> list[str]:
+    """The class-count specialisations that change a kernel's code or configs (the gather's
+    forward tiles K in its grid: one specialisation covers every K)."""
+    return list(K_VALUES) if kernel in ("gather_backward", "attention_eval") else ["K19"]
+
+
+def jobs(kernels=None, dtypes=None, targets=None) -> list[Job]:
+    """Every (kernel, regime, config, dtype, specialisation, target) that the launch code can
+    reach: each config of each regime, for each dtype and class count that selects it."""
+    from . import kernels as K_
+
+    out = []
+    for kernel in kernels or list(K_.KERNELS):
+        for regime, configs in K_.CONFIGS[kernel].items():
+            for config in range(len(configs)):
+                for dtype in dtypes or list(DTYPES):
+                    for spec in _specs(kernel):
+                        if not _uses(kernel, regime, dtype, spec):
+                            continue
+                        for target in targets or list(TARGETS):
+                            out.append(Job(kernel, regime, config, dtype, spec, target))
+    return out
+
+
+def compile_job(job: Job) -> Result:
+    """Compile one job to a cubin; never raises (the failure is in the Result)."""
+    start = time.perf_counter()
+    try:
+        from . import interpreter_active
+
+        if interpreter_active():
+            raise RuntimeError("Triton was imported under TRITON_INTERPRET=1 in this process; "
+                               "compile in a process without it (run_check's workers)")
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from . import kernels as K_
+
+        cfg = K_.CONFIGS[job.kernel][job.regime][job.config]
+        meta = dict(cfg.kwargs)
+        meta.update(dict(job.override))
+        sig, constexprs = _signature(job.kernel, DTYPES[job.dtype], K_VALUES[job.spec])
+        constexprs = dict(constexprs, **meta)
+        fn = K_.compiled(job.kernel)
+        signature = dict(sig)
+        for name in constexprs:
+            signature[name] = "constexpr"
+        missing = [a for a in fn.arg_names if a not in signature]
+        if missing:
+            raise TypeError(f"no signature for arguments {missing} of {job.kernel}")
+        # pointers 16-byte aligned, as torch allocates them (the launcher's "D" attribute)
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a, s in sig.items() if s.startswith("*")}
+        src = ASTSource(fn=fn, signature={a: signature[a] for a in fn.arg_names},
+                        constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget(*TARGETS[job.target]),
+                                  options=dict(num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages))
+        shared = int(compiled.metadata.shared)
+        stages = sorted(compiled.asm)
+        if "cubin" not in compiled.asm:
+            raise RuntimeError(f"no cubin produced (stages: {stages})")
+        if shared > SHARED_LIMIT[job.target]:
+            raise RuntimeError(f"needs {shared} bytes of shared memory, {job.target} allows "
+                               f"{SHARED_LIMIT[job.target]} per block")
+        return Result(job, True, time.perf_counter() - start, shared, stages=stages)
+    except Exception as exc:  # noqa: BLE001 - the compiler raises many types
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        message = f"{type(exc).__name__}: " + (" | ".join(lines[-6:]) if lines else "")
+        if os.environ.get("OCRKERNELS_AOT_TRACEBACK"):
+            message += "\n" + traceback.format_exc()
+        return Result(job, False, time.perf_counter() - start, error=message)
+
+
+def _worker_env() -> dict:
+    """The environment of a compile worker: Triton in compile mode (a parent that runs the
+    interpreter, as the CPU tests do, has TRITON_INTERPRET=1, which would make the worker's
+    Triton library functions interpreted), this package importable."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_check(job_list: list[Job], processes: int | None = None) -> list[Result]:
+    """Compile every job, in `processes` worker processes (default: the number of cores).
+
+    The workers are fresh interpreters (``python -m ocrkernels.triton.aot --worker``, jobs and
+    results as JSON on stdin / stdout) started without ``TRITON_INTERPRET``: this process may
+    have imported Triton for its interpreter, whose library functions cannot be compiled.
+    Results come back in the order of `job_list`."""
+    if not job_list:
+        return []
+    processes = max(1, min(processes or os.cpu_count() or 1, len(job_list)))
+    groups = [list(range(i, len(job_list), processes)) for i in range(processes)]
+    workers = []
+    for group in groups:
+        proc = subprocess.Popen([sys.executable, "-m", "ocrkernels.triton.aot", "--worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_worker_env())
+        payload = json.dumps([asdict(job_list[i]) for i in group])
+        workers.append((group, proc, payload))
+    results: list[Result | None] = [None] * len(job_list)
+    for group, proc, payload in workers:
+        out, err = proc.communicate(payload)
+        try:
+            if proc.returncode != 0:
+                raise RuntimeError(f"exit status {proc.returncode}")
+            for i, raw in zip(group, json.loads(out)):
+                results[i] = Result(job_list[i], raw["ok"], raw["seconds"], raw["shared"],
+                                    raw["error"], raw["stages"])
+        except Exception as exc:  # noqa: BLE001 - a worker that died is a failed check
+            tail = " | ".join(err.strip().splitlines()[-5:])
+            for i in group:
+                if results[i] is None:
+                    results[i] = Result(job_list[i], False, 0.0,
+                                        error=f"compile worker failed ({exc}): {tail}")
+    return results  # type: ignore[return-value]
+
+
+def _worker() -> int:
+    jobs_in = [Job(**{**raw, "override": tuple(tuple(kv) for kv in raw["override"])})
+               for raw in json.load(sys.stdin)]
+    out = []
+    for job in jobs_in:
+        r = compile_job(job)
+        out.append(dict(ok=r.ok, seconds=r.seconds, shared=r.shared, error=r.error,
+                        stages=r.stages))
+    json.dump(out, sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import kernels as K_
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: cores)")
+    p.add_argument("--kernels", default=",".join(K_.KERNELS),
+                   help="comma list (default: all)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list (default: all)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma list (default: all)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:  # jobs on stdin, results on stdout (run_check's workers)
+        return _worker()
+    todo = jobs(args.kernels.split(","), args.dtypes.split(","), args.targets.split(","))
+    start = time.perf_counter()
+    results = run_check(todo, args.jobs)
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        status = "ok  " if r.ok else "FAIL"
+        shared = f"{r.shared:7d} B smem" if r.shared is not None else " " * 12
+        print(f"{status} {r.job.describe():48s} {shared} {r.seconds:6.2f} s"
+              + ("" if r.ok else f"\n     {r.error}"))
+    print(f"{len(results) - len(failed)}/{len(results)} compiled for "
+          f"{', '.join(sorted({r.job.target for r in results}))} in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
