@@ -198,8 +198,8 @@ def _add_demo(sub) -> None:
                     "IoU, fps) and save a PNG of predictions next to their labels.")
     d.add_argument("--json", default=None, metavar="PATH",
                    help="write miou, per_class_iou, fps, seconds to PATH")
-    d.add_argument("--minutes", type=float, default=6.0,
-                   help="training time budget in minutes (default 6)")
+    d.add_argument("--minutes", type=float, default=3.0,
+                   help="training time budget in minutes (default 3)")
     d.add_argument("--work-dir", default=None,
                    help="default work_dirs/demo/<timestamp>")
     d.add_argument("--threads", type=int, default=None,

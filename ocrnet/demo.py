@@ -1,12 +1,12 @@
 """``ocrnet demo``: train a small OCRNet on the synthetic set on the CPU, evaluate, draw.
 
-    ocrnet demo --minutes 6 --json demo.json
+    ocrnet demo --minutes 3 --json demo.json
 
 Model: :data:`DEMO_CONFIG` of :data:`ocrnet.train.SYNTHETIC_CONFIGS`, a *narrower* HRNetV2p
 than W18-Small (branch widths 12/24/48/96 instead of 18/36/72/144, one block per branch, a
 32-plane stage 1, 2 + 1 HRModules in stages 3 / 4; OCR head 128 / 64 channels instead of
 512 / 256; about 1 M parameters) trained from scratch on 64x128 synthetic scenes, batch 8, SGD
-lr 0.02 with the poly schedule cut to fit the time budget. W18-Small itself
+lr 0.05 with the poly schedule cut to fit the time budget. W18-Small itself
 (``ocrnet_hr18s_1xb8-2k_synthetic-64x128``) learns the same set but needs about 3x the time per
 iteration, too slow for a few CPU minutes.
 
@@ -101,7 +101,7 @@ def measure_fps(model, dataset, config, images: int = 200, warmup: int = 5) -> f
     return images / seconds
 
 
-def run_demo(minutes: float = 6.0, work_dir: str | os.PathLike | None = None,
+def run_demo(minutes: float = 3.0, work_dir: str | os.PathLike | None = None,
              threads: int | None = None, json_path: str | os.PathLike | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Train :data:`DEMO_CONFIG` for about ``minutes`` on the CPU, evaluate and draw.
