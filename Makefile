@@ -1,6 +1,6 @@
 # The two front-door commands:
 #   make demo   set up .venv (torch CPU, the package, the C++ extension built in place), then train
-#               a small OCRNet on the embedded synthetic set for 3 minutes and evaluate it
+#               a small OCRNet on the embedded synthetic set (a 4-minute budget) and evaluate it
 #   make test   same set-up, then the whole test suite
 #   make bench  the kernel benchmark (bench/run.py), fused against the eager reference
 PYTHON ?= python3
@@ -28,7 +28,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 	touch $@
 
 demo: $(BUILT)
-	$(PY) -m ocrnet demo --minutes 3
+	$(PY) -m ocrnet demo --minutes 4
 
 bench: $(BUILT)
 	$(PY) bench/run.py --json bench/results.json

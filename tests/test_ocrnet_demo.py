@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 from ocrnet.data import SyntheticDataset
-from ocrnet.data.synthetic import SYNTHETIC_PALETTE
+from ocrnet.data.synthetic import CLASS_FAMILY, COLOUR_FAMILIES
 
 
-def test_synthetic_classes_have_their_own_colour_families():
-    # The demo relies on it: a solid object's pixels sit near its class's palette colour (the
-    # per-instance jitter is at most 30 per channel, plus noise and a blur at the edges), and
-    # the background stays far from every object colour.
+def test_synthetic_colour_families():
+    # Disc and striped share red, square and checkered share green (texture tells each pair
+    # apart), triangle and ring have families of their own; the solid fills sit near their
+    # family's colour (jitter at most 30 per channel, plus noise and a blur at the edges), the
+    # textured ones are that colour and a darker shade of it, and the background is grey-ish.
     ds = SyntheticDataset("train", 60, seed=3)
     sums = {k: np.zeros(3) for k in range(7)}
+    light = {k: np.zeros(3) for k in (5, 6)}
     counts = dict.fromkeys(range(7), 0)
     for i in range(len(ds)):
         img, label, _ = ds[i]
@@ -27,13 +29,20 @@ def test_synthetic_classes_have_their_own_colour_families():
             sums[k] += img[sel].astype(np.float64).sum(0)
             counts[k] += int(sel.sum())
     assert all(counts[k] > 500 for k in range(7)), counts
-    for k in (1, 2, 3, 4):  # solid fills: the mean colour is the palette colour (BGR)
-        mean_bgr = sums[k] / counts[k]
-        assert np.abs(mean_bgr - np.asarray(SYNTHETIC_PALETTE[k])[::-1]).max() < 20, (k, mean_bgr)
-    background = sums[0] / counts[0]
-    assert np.ptp(background) < 20  # grey-ish on average
-    for k in range(1, 7):
-        assert np.linalg.norm(background - np.asarray(SYNTHETIC_PALETTE[k])[::-1]) > 60
+    mean = {k: sums[k] / counts[k] for k in range(7)}
+    assert CLASS_FAMILY == {1: "red", 5: "red", 2: "green", 6: "green", 3: "blue",
+                            4: "yellow"}
+    for k in (1, 2, 3, 4):
+        rgb = np.asarray(COLOUR_FAMILIES[CLASS_FAMILY[k]], np.float64)
+        assert np.abs(mean[k] - rgb[::-1]).max() < 20, (k, mean[k])
+    for k in (5, 6):  # two shades of the family colour: between 0.35x and 1x of it
+        rgb = np.asarray(COLOUR_FAMILIES[CLASS_FAMILY[k]], np.float64)[::-1]
+        ratio = mean[k] / rgb
+        bright = rgb > 100  # the strong channels of the family colour
+        assert np.all((ratio[bright] > 0.55) & (ratio[bright] < 0.9)), (k, mean[k])
+    assert np.ptp(mean[0]) < 20  # the background is grey-ish on average
+    for rgb in COLOUR_FAMILIES.values():
+        assert np.linalg.norm(mean[0] - np.asarray(rgb)[::-1]) > 60
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

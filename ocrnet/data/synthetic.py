@@ -1,20 +1,22 @@
 """An embedded synthetic segmentation dataset: no download, deterministic, learnable.
 
 Scenes are drawn on the fly (index -> sample, the same for the same ``seed``, ``split`` and
-index) on a cluttered, noisy, grey-ish background. Seven classes. Every object class has its own
-colour family (its palette colour, jittered per instance), so that a small model learns the set
-from scratch in a few CPU minutes; shape and texture are drawn as well and carry the rest:
+index) on a cluttered, noisy, grey-ish background. Seven classes. The six object classes come in
+four colour families (jittered per instance): disc and striped share red, square and checkered
+share green, so that colour alone does not tell them apart (texture does); triangle (blue) and
+ring (yellow) differ in shape and colour. Colour narrows the choice enough for a small model to
+learn the set from scratch in a few CPU minutes:
 
 ====  ==========  ===============================================================
 id    class       look
 ====  ==========  ===============================================================
 0     background  smooth low-saturation colour field, small grey lines and dots, noise
-1     disc        solid filled circle
-2     square      solid filled square, random rotation
-3     triangle    solid filled equilateral triangle, random rotation
-4     ring        solid annulus (hole shows what is below)
-5     striped     ellipse filled with stripes of two shades (random angle, period 6-9 px)
-6     checkered   ellipse filled with a checkerboard of two shades (cells 4-6 px)
+1     disc        red family: solid filled circle
+2     square      green family: solid filled square, random rotation
+3     triangle    blue: solid filled equilateral triangle, random rotation
+4     ring        yellow: solid annulus (hole shows what is below)
+5     striped     red family: ellipse of stripes in two shades (random angle, period 6-9 px)
+6     checkered   green family: ellipse of a two-shade checkerboard (cells 4-6 px)
 ====  ==========  ===============================================================
 
 Objects span 0.3-0.7 of the image height, later objects occlude earlier ones, and an
@@ -59,9 +61,15 @@ def _greyish(rng: np.random.Generator) -> np.ndarray:
     return np.clip(rng.uniform(30, 225) + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
 
 
+# RGB base colour of each object class's family; red and green are shared by two classes each.
+COLOUR_FAMILIES = {"red": (225, 45, 45), "green": (45, 185, 70), "blue": (40, 95, 225),
+                   "yellow": (230, 205, 40)}
+CLASS_FAMILY = {1: "red", 5: "red", 2: "green", 6: "green", 3: "blue", 4: "yellow"}
+
+
 def _class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
-    """Class ``cls``'s palette colour (as BGR) with a per-instance jitter of up to 30."""
-    rgb = np.asarray(SYNTHETIC_PALETTE[cls], np.float32)
+    """The base colour of ``cls``'s family (as BGR) with a per-instance jitter of up to 30."""
+    rgb = np.asarray(COLOUR_FAMILIES[CLASS_FAMILY[cls]], np.float32)
     return np.clip(rgb[::-1] + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
 
 
