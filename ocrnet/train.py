@@ -279,10 +279,13 @@ class TrainOptions:
         threads: ``torch.set_num_threads`` (None: torch's default).
         val_limit: validate on the first N images only (None: all).
         synthetic_train_length, synthetic_val_length: sizes of the in-memory synthetic set.
-        time_budget: seconds; after ``calibration_iters`` iterations the schedule's length is
-            cut so that training ends within the budget (the poly decay follows the new
-            length). None: run the schedule's iterations.
-        calibration_iters: iterations timed for ``time_budget``.
+        time_budget: seconds; every ``calibration_iters`` iterations the schedule's length is
+            set from the speed of the iterations since the previous check, so that training
+            ends within the budget (never beyond the config's iterations; the poly decay
+            follows the new length). A slow start (a busy machine, first-call overheads) is
+            corrected later instead of cutting the run short. None: run the schedule's
+            iterations.
+        calibration_iters: iterations between two speed checks for ``time_budget``.
         fused: train the OCR head with the ocrkernels fused kernels.
         validate: run the validations (False: none, not even at the end).
         progress: print the console lines (rank 0).
@@ -860,20 +863,27 @@ class Trainer:
     def _interval(self, value: int | None) -> int:
         return max(self.max_iters // 10, 1) if value is None else value
 
-    def _calibrate(self, done: int, elapsed: float) -> None:
-        """Cut the schedule to fit ``options.time_budget`` (same decision on every rank)."""
+    def _calibrate(self, t: int, elapsed: float, recent_iters: int, recent_seconds: float,
+                   ceiling: int) -> None:
+        """Fit the schedule to ``options.time_budget`` at iteration ``t``, ``elapsed`` seconds
+        into the run, from the speed of the last ``recent_iters`` iterations; at most
+        ``ceiling`` iterations (same decision on every rank)."""
         budget = self.options.time_budget
-        per_iter = elapsed / max(done, 1)
+        per_iter = recent_seconds / max(recent_iters, 1)
         # Validation and the final checkpoint also take time: keep 10% of the budget spare.
-        fit = self.start_iter + done + int(max(0.9 * budget - elapsed, 0) / per_iter)
-        new = torch.tensor([min(self.max_iters, max(fit, self.start_iter + done + 1))],
+        fit = t + int(max(0.9 * budget - elapsed, 0) / per_iter)
+        new = torch.tensor([min(ceiling, max(fit, t + 1))],
                            device=self.dist.device)  # nccl broadcasts GPU tensors only
         if self.dist.world > 1:
             dist.broadcast(new, 0)
-        if int(new) != self.max_iters:
+        old = self.max_iters
+        self.max_iters = int(new)
+        # One line for the first fit and for any later change of more than 5%.
+        if old != self.max_iters and (not self._budget_logged or
+                                      abs(self.max_iters - old) > 0.05 * old):
+            self._budget_logged = True
             self.log.line(f"time budget {budget:.0f}s at {1 / per_iter:.2f} it/s: schedule "
-                          f"cut from {self.max_iters} to {int(new)} iterations")
-            self.max_iters = int(new)
+                          f"set from {old} to {self.max_iters} iterations")
 
     def run(self) -> dict[str, Any]:
         """Train to the end of the schedule; returns ``{"iterations", "seconds",
@@ -895,6 +905,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         start = time.perf_counter()
         window_t, window_data, window_n = start, 0.0, 0
+        # The time budget's speed checks: the schedule may shrink and grow back, up to its
+        # length at the start of the run.
+        budget_ceiling, cal_iter, cal_time = self.max_iters, self.start_iter, start
+        self._budget_logged = False
         sums = torch.zeros(3, dtype=torch.float64)
         last: dict[str, float] = {}
         val: dict[str, Any] | None = None
@@ -927,8 +941,10 @@ class Trainer:
                                  for k in ("loss", "loss_aux", "loss_ocr")])
             window_n += 1
             t += 1
-            if opts.time_budget is not None and t - self.start_iter == opts.calibration_iters:
-                self._calibrate(t - self.start_iter, time.perf_counter() - start)
+            if opts.time_budget is not None and (t - self.start_iter) % opts.calibration_iters == 0:
+                now = time.perf_counter()
+                self._calibrate(t, now - start, t - cal_iter, now - cal_time, budget_ceiling)
+                cal_iter, cal_time = t, now
             if t % opts.log_interval == 0 or t == self.max_iters:
                 last = self._log_train(t, lr, sums, window_n, window_data,
                                        time.perf_counter() - window_t, start, grad_norm)

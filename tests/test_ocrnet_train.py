@@ -333,3 +333,31 @@ def test_bf16_autocast_on_cpu(tmp_path):
                    ["schedule.iterations=2"])
     assert all(math.isfinite(v) for v in losses(tmp_path))
     assert result["iterations"] == 2
+
+
+def test_time_budget_follows_the_recent_speed():
+    # Trainer._calibrate on a stand-in trainer: budget 240 s, 10% kept spare (216 s usable).
+    from types import SimpleNamespace
+
+    from ocrnet.train import Trainer
+
+    lines = []
+    stub = SimpleNamespace(options=SimpleNamespace(time_budget=240.0),
+                           dist=SimpleNamespace(device=torch.device("cpu"), world=1),
+                           max_iters=600, _budget_logged=False,
+                           log=SimpleNamespace(line=lines.append))
+    # A slow start: 10 iterations in 50 s -> (216 - 50) / 5 = 33 more.
+    Trainer._calibrate(stub, 10, 50.0, 10, 50.0, 600)
+    assert stub.max_iters == 43 and len(lines) == 1
+    # Then 10 iterations in 5 s: the schedule grows back, (216 - 55) / 0.5 = 322 more.
+    Trainer._calibrate(stub, 20, 55.0, 10, 5.0, 600)
+    assert stub.max_iters == 342 and len(lines) == 2
+    # Never past the config's length, never before the next iteration.
+    Trainer._calibrate(stub, 30, 56.0, 10, 0.01, 600)
+    assert stub.max_iters == 600
+    Trainer._calibrate(stub, 40, 300.0, 10, 10.0, 600)
+    assert stub.max_iters == 41
+    # A change under 5% is applied without a console line.
+    stub.max_iters, n = 400, len(lines)
+    Trainer._calibrate(stub, 100, 64.0, 10, 5.0, 600)  # 100 + 152 / 0.5
+    assert stub.max_iters == 404 and len(lines) == n
