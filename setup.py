@@ -1,7 +1,12 @@
 """Builds the op library ``ocrkernels._C`` with torch.utils.cpp_extension.
 
-CPU kernels are always built. CUDA kernels (``csrc/ocrkernels/cuda/*.cu``) are built when torch
-has CUDA and nvcc is found, or when ``FORCE_CUDA=1`` (compile and link only; no GPU is needed).
+CPU kernels are always built, as ``ocrkernels._C``. CUDA kernels (``csrc/ocrkernels/cuda/*.cu``)
+are built when torch has CUDA and nvcc is found, or when ``FORCE_CUDA=1`` (compile and link
+only; no GPU is needed), as a second library ``ocrkernels._C_cuda`` that only registers CUDA
+implementations of the ops ``_C`` defines. ``ocrkernels.ops`` loads it only when torch has CUDA:
+built against a CPU-only torch (FORCE_CUDA=1 here), it links without libc10_cuda / libtorch_cuda
+and keeps their symbols undefined, to be resolved by a CUDA torch at load time; the package keeps
+importing and running its CPU kernels either way.
 
 Environment:
   FORCE_CUDA=1                     build the CUDA kernels even without a GPU / CUDA torch
@@ -75,30 +80,50 @@ def _extensions(summary):
     if sys.platform == "darwin":
         cxx_flags.remove("-fopenmp")
     link_flags = ["-fopenmp"] if "-fopenmp" in cxx_flags else []
-    kwargs = dict(name="ocrkernels._C", include_dirs=[os.path.join(ROOT, "csrc")],
-                  extra_link_args=link_flags)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link_flags)
+    exts = [cpp_extension.CppExtension(name="ocrkernels._C", sources=cpu_sources,
+                                       extra_compile_args={"cxx": cxx_flags}, **kwargs)]
     if want_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        ext = cpp_extension.CUDAExtension(
-            sources=cpu_sources + cuda_sources,
-            define_macros=[("OCRKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-            **kwargs)
-    else:
-        ext = cpp_extension.CppExtension(sources=cpu_sources,
-                                         extra_compile_args={"cxx": cxx_flags}, **kwargs)
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
+        torch_inc = cpp_extension.include_paths()
+        if not any(os.path.exists(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h"))
+                   for p in torch_inc):
+            # A CPU torch ships c10/cuda headers without this generated one; it only defines
+            # Windows export macros, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips.
+            nvcc_flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+        cuda_kwargs = dict(name="ocrkernels._C_cuda", sources=cuda_sources,
+                           extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        if torch_cuda:
+            exts.append(cpp_extension.CUDAExtension(**cuda_kwargs, **kwargs))
+        else:
+            # A CPU torch leaves cpp_extension.CUDA_HOME at None whatever the environment says
+            # (it is read when compiling the .cu files with nvcc): point it at the toolkit.
+            cpp_extension.CUDA_HOME = cuda_home
+            # CUDAExtension would ask the linker for c10_cuda and torch_cuda, which a CPU torch
+            # lacks: link the toolkit's cudart only and leave torch's CUDA symbols undefined.
+            lib_dir = next((d for d in (os.path.join(cuda_home, "lib64"),
+                                        os.path.join(cuda_home, "lib"))
+                            if os.path.exists(os.path.join(d, "libcudart.so"))), None)
+            exts.append(cpp_extension.CppExtension(
+                **cuda_kwargs, include_dirs=kwargs["include_dirs"] +
+                [os.path.join(cuda_home, "include")],
+                library_dirs=[lib_dir] if lib_dir else [], libraries=["cudart"],
+                extra_link_args=link_flags))
     summary += [
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
         ("CPU kernels", f"{len(cpu_sources)} sources, flags {' '.join(cxx_flags)}"),
         ("CUDA_HOME", cuda_home or "not found"),
-        ("CUDA kernels", (f"yes: {len(cuda_sources)} sources for arch {arch_list}"
-                          + (" (FORCE_CUDA=1)" if force else "")) if want_cuda else
+        ("CUDA kernels", (f"yes: ocrkernels._C_cuda, {len(cuda_sources)} sources for arch "
+                          f"{arch_list}" + ("" if torch_cuda else
+                                            " (FORCE_CUDA=1, compile and link only: loads with a "
+                                            "CUDA torch)")) if want_cuda else
          "no" + ("" if cuda_sources else " (no .cu sources)") +
          ("" if cuda_home else ", nvcc not found") +
          ("" if (force or torch_cuda) else ", torch has no CUDA and FORCE_CUDA is not 1")),
         ("MAX_JOBS", os.environ.get("MAX_JOBS", "default")),
     ]
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 def _print_summary(summary):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build the op library with CMake against the venv's LibTorch and check that it loads and computes
-# the reference's numbers (in a fresh process that does not import the Python package's _C).
+# Build the op library and csrc/tools/gather_check with CMake against the venv's LibTorch, then
+# check (in fresh processes that do not import the Python package's _C) that the library loads
+# and computes the reference's numbers, and that the C++ program prints the Python op's values
+# (tests/test_cmake_program.py). The build directory is shared with that test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$PWD/.venv/bin/python}
-build=$(mktemp -d)
-trap 'rm -rf "$build"' EXIT
+build=${OCRKERNELS_CMAKE_BUILD_DIR:-$PWD/build/cmake-check}
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$build" -j "${MAX_JOBS:-2}" >/dev/null
@@ -26,3 +27,6 @@ print(f"CMake-built libocrkernels.so: spatial_gather and pixel_matmul match the 
       f"(max abs err {max(err, err2):.1e})")
 PYEOF
 )
+"$build/gather_check"
+OCRKERNELS_CMAKE_BUILD_DIR="$build" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cmake_program.py

@@ -3,7 +3,8 @@
 Backends:
     ``reference``  plain PyTorch (:mod:`ocrkernels.reference`), any device, always available.
     ``cpu``        the C++ kernels of ``ocrkernels._C`` (OpenMP, vectorised), CPU tensors.
-    ``cuda``       CUDA kernels of ``ocrkernels._C`` when it was built with them, CUDA tensors.
+    ``cuda``       CUDA kernels of ``ocrkernels._C_cuda`` (built by setup.py when nvcc is found
+                   and torch has CUDA, or with ``FORCE_CUDA=1``), CUDA tensors.
     ``triton``     Triton kernels (:mod:`ocrkernels.triton`): CUDA tensors when Triton imports
                    and torch sees a GPU of compute capability >= 8.0; CPU tensors only with
                    ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests on small shapes).
@@ -33,12 +34,47 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 BACKEND_ENV = "OCRKERNELS_BACKEND"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+# OCRKERNELS_LIBRARY=path loads that op library (e.g. the CMake build's libocrkernels.so, which
+# .ci/coverage_common.sh instruments for gcov) instead of ocrkernels._C: never both, since each
+# defines the ocrkernels op schemas.
+LIBRARY_ENV = "OCRKERNELS_LIBRARY"
+
 try:  # the compiled op library; its absence leaves the reference path working
-    from . import _C  # noqa: F401
+    if os.environ.get(LIBRARY_ENV):
+        torch.ops.load_library(os.environ[LIBRARY_ENV])
+    else:
+        from . import _C  # noqa: F401
 
     _EXT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised only without a build
+except (ImportError, OSError) as exc:  # pragma: no cover - exercised only without a build
     _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _load_cuda_kernels() -> str | None:
+    """Load ocrkernels._C_cuda (CUDA implementations of the ops _C defines); None when loaded,
+    else why not. It is a plain shared library (no Python module init), loaded with
+    torch.ops.load_library, and only into a torch with CUDA: built against a CPU torch
+    (FORCE_CUDA=1) it references libc10_cuda / libtorch_cuda symbols that only a CUDA torch has.
+    """
+    import importlib.util
+
+    if _EXT_ERROR is not None:
+        return "ocrkernels._C is not loaded"
+    spec = importlib.util.find_spec(f"{__package__}._C_cuda")
+    if spec is None or not spec.origin:
+        return ("ocrkernels was built without CUDA kernels (no ocrkernels._C_cuda; rebuild with "
+                "nvcc present and a CUDA torch, or FORCE_CUDA=1)")
+    if torch.version.cuda is None:
+        return (f"ocrkernels._C_cuda is built, but this torch ({torch.__version__}) has no CUDA "
+                "support to load it into")
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as exc:
+        return f"ocrkernels._C_cuda could not be loaded ({exc})"
+    return None
+
+
+_CUDA_EXT_ERROR = _load_cuda_kernels()
 
 
 def extension_loaded() -> bool:
@@ -65,8 +101,11 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
         if backend.upper() not in _KERNEL_KEYS:
-            return (f"ocrkernels._C was built without {backend.upper()} kernels" +
-                    (" (rebuild with nvcc present, or FORCE_CUDA=1)" if backend == "cuda" else ""))
+            if backend == "cuda":
+                return f"no CUDA kernels are registered: {_CUDA_EXT_ERROR or 'unknown reason'}"
+            return "ocrkernels._C was built without CPU kernels"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "torch sees no CUDA device"
         return None
     if backend == "triton":
         from .triton import unavailable_reason  # no Triton import until asked

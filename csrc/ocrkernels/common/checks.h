@@ -4,6 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <utility>
 
 namespace ocrkernels {
 
@@ -49,6 +52,118 @@ inline void check_spatial_gather_backward_args(const at::Tensor& grad_out, const
   TORCH_CHECK(grad_out.device() == probs.device() && lse.device() == probs.device(),
               "spatial_gather_backward: grad_out and lse must be on the device of probs (",
               probs.device(), ")");
+}
+
+// object_attention_eval
+inline void check_object_attention_eval_args(const at::Tensor& feats, const at::Tensor& qw1,
+                                             const at::Tensor& qb1, const at::Tensor& qw2,
+                                             const at::Tensor& qb2, const at::Tensor& keys,
+                                             const at::Tensor& values, const at::Tensor& wctx,
+                                             const at::Tensor& wx, const at::Tensor& bout) {
+  TORCH_CHECK(feats.dim() == 4, "object_attention_eval: feats must have shape (B, C, H, W), got ",
+              feats.sizes());
+  const int64_t B = feats.size(0), C = feats.size(1);
+  TORCH_CHECK(B > 0 && C > 0 && feats.size(2) * feats.size(3) > 0,
+              "object_attention_eval: feats must be non-empty, got ", feats.sizes());
+  TORCH_CHECK(qw1.dim() == 2 && qw1.size(1) == C && qw1.size(0) > 0,
+              "object_attention_eval: query_w1 must have shape (D, C=", C, "), got ", qw1.sizes());
+  const int64_t D = qw1.size(0);
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == B && keys.size(2) == D && keys.size(1) > 0,
+              "object_attention_eval: keys must have shape (B=", B, ", K, D=", D, "), got ",
+              keys.sizes());
+  const int64_t K = keys.size(1);
+  auto expect = [](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "object_attention_eval: ", name, " must have shape ", shape,
+                ", got ", t.sizes());
+  };
+  expect(qb1, {D}, "query_b1");
+  expect(qw2, {D, D}, "query_w2");
+  expect(qb2, {D}, "query_b2");
+  expect(values, {B, C, K}, "values");
+  expect(wctx, {C, C}, "out_w_context");
+  expect(wx, {C, C}, "out_w_feats");
+  expect(bout, {C}, "out_b");
+  for (const at::Tensor* t : {&qw1, &qb1, &qw2, &qb2, &keys, &values, &wctx, &wx, &bout}) {
+    TORCH_CHECK(t->scalar_type() == feats.scalar_type(),
+                "object_attention_eval: every argument must have the dtype of feats (",
+                feats.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == feats.device(),
+                "object_attention_eval: every argument must be on the device of feats (",
+                feats.device(), "), got ", t->device());
+  }
+  auto dt = feats.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "object_attention_eval: dtype must be float32, float64, float16 or bfloat16, got ",
+              dt);
+}
+
+// bn_relu and its backward, batch_var_mean: (B, channels, N) maps, float32 or float64
+struct BnDims {
+  int64_t B, ch, N;
+};
+
+inline BnDims check_bn_map(const char* op, const at::Tensor& z, const char* name) {
+  TORCH_CHECK(z.dim() == 3, op, ": ", name, " must have shape (B, channels, N), got ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", z.scalar_type());
+  return {z.size(0), z.size(1), z.size(2)};
+}
+
+inline void check_bn_like(const char* op, const at::Tensor& t, const char* name,
+                          at::IntArrayRef shape, const at::Tensor& z) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type(), op, ": ", name, " must have dtype ",
+              z.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == z.device(), op, ": ", name, " must be on ", z.device(), ", got ",
+              t.device());
+}
+
+inline void check_bn_backward(const char* op, const at::Tensor& dh, const at::Tensor& z,
+                              const at::Tensor& mean, const at::Tensor& invstd,
+                              const at::Tensor& scale, const at::Tensor& beta) {
+  const BnDims d = check_bn_map(op, z, "z");
+  check_bn_like(op, dh, "dh", z.sizes(), z);
+  for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&scale, "scale"},
+                         {&beta, "beta"}})
+    check_bn_like(op, *t, name, {d.ch}, z);
+}
+
+// pixel_matmul
+inline void check_pixel_matmul_dtype(const char* op, const char* name, const at::Tensor& t,
+                                     const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              ", got ", t.device());
+}
+
+inline void check_pixel_matmul_pair(const at::Tensor& w, const at::Tensor& x, const char* wn,
+                                    const char* xn, const at::Tensor& like) {
+  TORCH_CHECK(w.dim() == 2, "pixel_matmul: ", wn, " must have shape (M, J), got ", w.sizes());
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == w.size(1),
+              "pixel_matmul: ", xn, " must have shape (B, J=", w.size(1), ", N), got ", x.sizes());
+  check_pixel_matmul_dtype("pixel_matmul", wn, w, like);
+  check_pixel_matmul_dtype("pixel_matmul", xn, x, like);
+}
+
+inline void check_pixel_matmul_args(const at::Tensor& weight, const at::Tensor& x,
+                                    const c10::optional<at::Tensor>& weight2,
+                                    const c10::optional<at::Tensor>& x2) {
+  check_pixel_matmul_pair(weight, x, "weight", "x", x);
+  TORCH_CHECK(weight2.has_value() == x2.has_value(),
+              "pixel_matmul: weight2 and x2 must be given together");
+  if (weight2.has_value()) {
+    check_pixel_matmul_pair(*weight2, *x2, "weight2", "x2", x);
+    TORCH_CHECK(weight2->size(0) == weight.size(0),
+                "pixel_matmul: weight2 must have M=", weight.size(0), " rows, got ",
+                weight2->sizes());
+    TORCH_CHECK(x2->size(0) == x.size(0) && x2->size(2) == x.size(2),
+                "pixel_matmul: x2 must have shape (B=", x.size(0), ", J2, N=", x.size(2),
+                "), got ", x2->sizes());
+  }
 }
 
 }  // namespace ocrkernels

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "macros.h"
 
@@ -56,6 +57,12 @@ struct SoftmaxStats {
   acc_t max;
   acc_t sum;
 };
+
+// The state of a row before any block: max -inf, sum 0 (merging it changes nothing).
+template <typename acc_t>
+OCR_HD SoftmaxStats<acc_t> empty_stats() {
+  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+}
 
 // Scale factor that brings a partial computed against `block_max` to the common `max`.
 template <typename acc_t>

@@ -12,19 +12,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/bn_relu.h"
+#include "../common/checks.h"
+#include "../common/bn_stats.h"
 #include "gemm_kernels.h"
 #include "parallel.h"
 
 namespace ocrkernels {
 namespace {
 
-// The pre-activation. The extension is built with -ffp-contract=off so that this is never
-// contracted into an FMA in one loop and not in another: the forward and every recompute of
-// the mask must round identically.
-template <typename T>
-OCR_LOOP_BODY T act(T z, T mean, T scale, T beta) {
-  return (z - mean) * scale + beta;
-}
+// The per-element arithmetic (bn_act and the ReLU mask, the input gradient, the Chan merge of
+// the statistics) is in common/bn_relu.h and common/bn_stats.h, shared with the CUDA kernels.
 
 // Row loops, compiled for AVX2 and the baseline ISA (OCR_DISPATCH) for float32. Sums run in
 // the data type over blocks of kBlock values and in double across blocks: vectorised, and
@@ -35,8 +33,7 @@ template <typename T>
 OCR_LOOP_BODY void bn_relu_row_body(const T* z, T m, T s, T be, T* h, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T v = act(z[i], m, s, be);
-    h[i] = v > T(0) ? v : T(0);
+    h[i] = bn_relu_apply(z[i], m, s, be);
   }
 }
 
@@ -47,9 +44,9 @@ OCR_LOOP_BODY void grad_sums_block_body(const T* dh, const T* z, T m, T is, T s,
   T sg = 0, sgx = 0;
 #pragma omp simd reduction(+ : sg, sgx)
   for (int64_t i = 0; i < n; ++i) {
-    const T g = act(z[i], m, s, be) > T(0) ? dh[i] : T(0);
+    const T g = bn_relu_masked_grad(dh[i], z[i], m, s, be);
     sg += g;
-    sgx += g * ((z[i] - m) * is);
+    sgx += g * bn_xhat(z[i], m, is);
   }
   out[0] = sg;
   out[1] = sgx;
@@ -60,8 +57,8 @@ OCR_LOOP_BODY void grad_apply_row_body(const T* dh, const T* z, T m, T is, T s, 
                                        T mean_gx, T* dz, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T g = act(z[i], m, s, be) > T(0) ? dh[i] : T(0);
-    dz[i] = (g - mean_g - (z[i] - m) * is * mean_gx) * s;
+    const T g = bn_relu_masked_grad(dh[i], z[i], m, s, be);
+    dz[i] = bn_input_grad(g, z[i], m, is, s, mean_g, mean_gx);
   }
 }
 
@@ -135,35 +132,14 @@ void moments_row(const T* z, int64_t n, double* mean, double* m2) {
     s1 += part[0];
     s2 += part[1];
   }
-  const double d = s1 / double(n);
-  *mean = double(shift) + d;
-  *m2 = std::max(0.0, s2 - s1 * d);
-}
-
-struct Dims {
-  int64_t B, ch, N;
-};
-
-Dims check_map(const char* op, const at::Tensor& z, const char* name) {
-  TORCH_CHECK(z.dim() == 3, op, ": ", name, " must have shape (B, channels, N), got ", z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", z.scalar_type());
-  return {z.size(0), z.size(1), z.size(2)};
-}
-
-void check_like(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                const at::Tensor& z) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == z.scalar_type(), op, ": ", name, " must have dtype ",
-              z.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == z.device(), op, ": ", name, " must be on ", z.device(), ", got ",
-              t.device());
+  const Moments r = moments_from_shifted_sums(double(shift), s1, s2, double(n));
+  *mean = r.mean;
+  *m2 = r.m2;
 }
 
 // body(b, c) for every row of a (B, ch, N) map, rows handed to threads one at a time.
 template <typename Body>
-void rows(const Dims& d, Body body) {
+void rows(const BnDims& d, Body body) {
   cpu::parallel_tasks(d.B * d.ch, [] { return 0; },
                       [&](int64_t row, int) { body(row / d.ch, row % d.ch); });
 }
@@ -171,10 +147,10 @@ void rows(const Dims& d, Body body) {
 at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
                        const at::Tensor& scale_in, const at::Tensor& beta_in) {
   const char* op = "bn_relu";
-  const Dims d = check_map(op, z_in, "z");
-  check_like(op, mean_in, "mean", {d.ch}, z_in);
-  check_like(op, scale_in, "scale", {d.ch}, z_in);
-  check_like(op, beta_in, "beta", {d.ch}, z_in);
+  const BnDims d = check_bn_map(op, z_in, "z");
+  check_bn_like(op, mean_in, "mean", {d.ch}, z_in);
+  check_bn_like(op, scale_in, "scale", {d.ch}, z_in);
+  check_bn_like(op, beta_in, "beta", {d.ch}, z_in);
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor z = z_in.contiguous(), mean = mean_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
@@ -191,22 +167,12 @@ at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
   return h;
 }
 
-void check_backward(const char* op, const at::Tensor& dh, const at::Tensor& z,
-                    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& scale,
-                    const at::Tensor& beta) {
-  const Dims d = check_map(op, z, "z");
-  check_like(op, dh, "dh", z.sizes(), z);
-  for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&scale, "scale"},
-                         {&beta, "beta"}})
-    check_like(op, *t, name, {d.ch}, z);
-}
-
 at::Tensor bn_relu_backward_reduce_cpu(const at::Tensor& dh_in, const at::Tensor& z_in,
                                        const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                        const at::Tensor& scale_in, const at::Tensor& beta_in) {
-  check_backward("bn_relu_backward_reduce", dh_in, z_in, mean_in, invstd_in, scale_in, beta_in);
+  check_bn_backward("bn_relu_backward_reduce", dh_in, z_in, mean_in, invstd_in, scale_in, beta_in);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Dims d{z_in.size(0), z_in.size(1), z_in.size(2)};
+  const BnDims d{z_in.size(0), z_in.size(1), z_in.size(2)};
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
@@ -235,11 +201,11 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
                                       const at::Tensor& scale_in, const at::Tensor& beta_in,
                                       const at::Tensor& sums_in, double count) {
   const char* op = "bn_relu_backward_apply";
-  check_backward(op, dh_in, z_in, mean_in, invstd_in, scale_in, beta_in);
-  check_like(op, sums_in, "sums", {2, z_in.size(1)}, z_in);
+  check_bn_backward(op, dh_in, z_in, mean_in, invstd_in, scale_in, beta_in);
+  check_bn_like(op, sums_in, "sums", {2, z_in.size(1)}, z_in);
   TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Dims d{z_in.size(0), z_in.size(1), z_in.size(2)};
+  const BnDims d{z_in.size(0), z_in.size(1), z_in.size(2)};
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous(), sums = sums_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
@@ -262,7 +228,7 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_var_mean_cpu(const at::Tensor& z_in) {
-  const Dims d = check_map("batch_var_mean", z_in, "z");
+  const BnDims d = check_bn_map("batch_var_mean", z_in, "z");
   TORCH_CHECK(d.B * d.N > 0, "batch_var_mean: z must have at least one value per channel, got ",
               z_in.sizes());
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -281,15 +247,11 @@ std::tuple<at::Tensor, at::Tensor> batch_var_mean_cpu(const at::Tensor& z_in) {
   double* vp = var.data_ptr<double>();
   double* mp = mean.data_ptr<double>();
   for (int64_t c = 0; c < d.ch; ++c) {
-    double n = double(d.N), mu = row_mean[c], m2 = row_m2[c];
-    for (int64_t b = 1; b < d.B; ++b) {
-      const double delta = row_mean[b * d.ch + c] - mu, nb = double(d.N);
-      mu += delta * nb / (n + nb);
-      m2 += row_m2[b * d.ch + c] + delta * delta * n * nb / (n + nb);
-      n += nb;
-    }
-    mp[c] = mu;
-    vp[c] = m2 / n;
+    Moments total{double(d.N), row_mean[c], row_m2[c]};
+    for (int64_t b = 1; b < d.B; ++b)
+      total = merge_moments(total, {double(d.N), row_mean[b * d.ch + c], row_m2[b * d.ch + c]});
+    mp[c] = total.mean;
+    vp[c] = biased_variance(total);
   }
   return {var.to(z.scalar_type()), mean.to(z.scalar_type())};
 }

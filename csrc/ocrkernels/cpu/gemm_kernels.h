@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/bn_relu.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define OCR_HAVE_AVX2_PATH 1
@@ -74,10 +76,7 @@ void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, 
       for (int64_t n = 0; n < nb; ++n) o[n] += a * b[n];
     }
     const T bias = ep.bias ? ep.bias[i] : T(0);
-    for (int64_t n = 0; n < nb; ++n) {
-      T v = o[n] + bias;
-      o[n] = ep.relu && v < T(0) ? T(0) : v;
-    }
+    for (int64_t n = 0; n < nb; ++n) o[n] = bias_relu(o[n], bias, ep.relu);
   }
 }
 
@@ -136,10 +135,7 @@ void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t ld
         for (int64_t q = 0; q < 16; ++q) acc[q] += a * strip[j * 16 + q];
       }
       const T bias = ep.bias ? ep.bias[i] : T(0);
-      for (int64_t q = 0; q < cols; ++q) {
-        const T v = acc[q] + bias;
-        o[q] = ep.relu && v < T(0) ? T(0) : v;
-      }
+      for (int64_t q = 0; q < cols; ++q) o[q] = bias_relu(acc[q], bias, ep.relu);
     }
   }
 }

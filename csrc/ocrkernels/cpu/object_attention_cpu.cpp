@@ -16,7 +16,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/online_softmax.h"
+#include "../common/checks.h"
+#include "../common/column_softmax.h"
 #include "gemm_kernels.h"
 #include "parallel.h"
 
@@ -25,81 +26,16 @@ namespace {
 
 constexpr int64_t kTile = 32;
 
-// Softmax down each column of S (K x nt, row stride ld): the attention of every pixel.
-template <typename T>
-OCR_LOOP_BODY void column_softmax_body(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax,
-                                       T* colsum) {
-  for (int64_t n = 0; n < nt; ++n) colmax[n] = S[n];
-  for (int64_t k = 1; k < K; ++k) {
-    const T* row = S + k * ld;
-#pragma omp simd
-    for (int64_t n = 0; n < nt; ++n) colmax[n] = row[n] > colmax[n] ? row[n] : colmax[n];
-  }
-  for (int64_t n = 0; n < nt; ++n) colsum[n] = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    T* row = S + k * ld;
-#pragma omp simd
-    for (int64_t n = 0; n < nt; ++n) {
-      row[n] = exp_acc(row[n] - colmax[n]);
-      colsum[n] += row[n];
-    }
-  }
-  for (int64_t n = 0; n < nt; ++n) colsum[n] = T(1) / colsum[n];
-  for (int64_t k = 0; k < K; ++k) {
-    T* row = S + k * ld;
-#pragma omp simd
-    for (int64_t n = 0; n < nt; ++n) row[n] *= colsum[n];
-  }
-}
-OCR_DISPATCH(void, column_softmax_f32, column_softmax_body<float>,
+// Softmax down each column of S (K x nt, row stride ld): the attention of every pixel. The
+// body is common/column_softmax.h, the one the CUDA kernel runs per pixel.
+OCR_DISPATCH(void, column_softmax_f32, ::ocrkernels::column_softmax<float>,
              (float* S, int64_t K, int64_t nt, int64_t ld, float* colmax, float* colsum),
              (S, K, nt, ld, colmax, colsum))
 
 template <typename T>
-void column_softmax(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax, T* colsum) {
+void column_softmax_tile(T* S, int64_t K, int64_t nt, int64_t ld, T* colmax, T* colsum) {
   if constexpr (std::is_same_v<T, float>) column_softmax_f32(S, K, nt, ld, colmax, colsum);
-  else column_softmax_body<T>(S, K, nt, ld, colmax, colsum);
-}
-
-void check_args(const at::Tensor& feats, const at::Tensor& qw1, const at::Tensor& qb1,
-                const at::Tensor& qw2, const at::Tensor& qb2, const at::Tensor& keys,
-                const at::Tensor& values, const at::Tensor& wctx, const at::Tensor& wx,
-                const at::Tensor& bout) {
-  TORCH_CHECK(feats.dim() == 4, "object_attention_eval: feats must have shape (B, C, H, W), got ",
-              feats.sizes());
-  const int64_t B = feats.size(0), C = feats.size(1);
-  TORCH_CHECK(B > 0 && C > 0 && feats.size(2) * feats.size(3) > 0,
-              "object_attention_eval: feats must be non-empty, got ", feats.sizes());
-  TORCH_CHECK(qw1.dim() == 2 && qw1.size(1) == C && qw1.size(0) > 0,
-              "object_attention_eval: query_w1 must have shape (D, C=", C, "), got ", qw1.sizes());
-  const int64_t D = qw1.size(0);
-  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == B && keys.size(2) == D && keys.size(1) > 0,
-              "object_attention_eval: keys must have shape (B=", B, ", K, D=", D, "), got ",
-              keys.sizes());
-  const int64_t K = keys.size(1);
-  auto expect = [](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "object_attention_eval: ", name, " must have shape ", shape,
-                ", got ", t.sizes());
-  };
-  expect(qb1, {D}, "query_b1");
-  expect(qw2, {D, D}, "query_w2");
-  expect(qb2, {D}, "query_b2");
-  expect(values, {B, C, K}, "values");
-  expect(wctx, {C, C}, "out_w_context");
-  expect(wx, {C, C}, "out_w_feats");
-  expect(bout, {C}, "out_b");
-  for (const at::Tensor* t : {&qw1, &qb1, &qw2, &qb2, &keys, &values, &wctx, &wx, &bout}) {
-    TORCH_CHECK(t->scalar_type() == feats.scalar_type(),
-                "object_attention_eval: every argument must have the dtype of feats (",
-                feats.scalar_type(), "), got ", t->scalar_type());
-    TORCH_CHECK(t->device() == feats.device(),
-                "object_attention_eval: every argument must be on the device of feats (",
-                feats.device(), "), got ", t->device());
-  }
-  auto dt = feats.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "object_attention_eval: dtype must be float32, float64, float16 or bfloat16, got ",
-              dt);
+  else column_softmax<T>(S, K, nt, ld, colmax, colsum);
 }
 
 template <typename T>
@@ -147,7 +83,7 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
     cpu::gemm_nn<T>(D, D, nt, qw2_p, D, w.q1.data(), kTile, w.q2.data(), kTile,
                     {qb2_p, true, false});
     cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, w.q2.data(), kTile, w.s.data(), kTile);
-    column_softmax<T>(w.s.data(), K, nt, kTile, w.col.data(), w.col.data() + kTile);
+    column_softmax_tile<T>(w.s.data(), K, nt, kTile, w.col.data(), w.col.data() + kTile);
     cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), kTile, w.ctx.data(), kTile,
                     {nullptr, true, false});
     cpu::gemm_nn<T>(C, C, nt, wx_p, C, xt, N, ot, N);
@@ -161,7 +97,7 @@ at::Tensor object_attention_eval_cpu(const at::Tensor& feats, const at::Tensor& 
                                      const at::Tensor& qb2, const at::Tensor& keys,
                                      const at::Tensor& values, const at::Tensor& wctx,
                                      const at::Tensor& wx, const at::Tensor& bout) {
-  check_args(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);
+  check_object_attention_eval_args(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);
   at::AutoDispatchBelowADInplaceOrView guard;
   if (feats.scalar_type() == at::kDouble)
     return forward_impl<double>(feats, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout);

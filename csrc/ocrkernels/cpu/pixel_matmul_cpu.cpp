@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../common/checks.h"
 #include "gemm_kernels.h"
 #include "parallel.h"
 
@@ -16,25 +17,6 @@ namespace ocrkernels {
 namespace {
 
 constexpr int64_t kTileN = 64;  // pixels per task
-
-void check_dtype(const char* op, const char* name, const at::Tensor& t,
-                 const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
-              ", got ", t.device());
-}
-
-void check_pair(const at::Tensor& w, const at::Tensor& x, const char* wn, const char* xn,
-                const at::Tensor& like) {
-  TORCH_CHECK(w.dim() == 2, "pixel_matmul: ", wn, " must have shape (M, J), got ", w.sizes());
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == w.size(1),
-              "pixel_matmul: ", xn, " must have shape (B, J=", w.size(1), ", N), got ", x.sizes());
-  check_dtype("pixel_matmul", wn, w, like);
-  check_dtype("pixel_matmul", xn, x, like);
-}
 
 template <typename T>
 at::Tensor matmul_impl(const at::Tensor& w_in, const at::Tensor& x_in, const at::Tensor* w2_in,
@@ -67,18 +49,7 @@ at::Tensor matmul_impl(const at::Tensor& w_in, const at::Tensor& x_in, const at:
 at::Tensor pixel_matmul_cpu(const at::Tensor& weight, const at::Tensor& x,
                             const c10::optional<at::Tensor>& weight2,
                             const c10::optional<at::Tensor>& x2) {
-  check_pair(weight, x, "weight", "x", x);
-  TORCH_CHECK(weight2.has_value() == x2.has_value(),
-              "pixel_matmul: weight2 and x2 must be given together");
-  if (weight2.has_value()) {
-    check_pair(*weight2, *x2, "weight2", "x2", x);
-    TORCH_CHECK(weight2->size(0) == weight.size(0),
-                "pixel_matmul: weight2 must have M=", weight.size(0), " rows, got ",
-                weight2->sizes());
-    TORCH_CHECK(x2->size(0) == x.size(0) && x2->size(2) == x.size(2),
-                "pixel_matmul: x2 must have shape (B=", x.size(0), ", J2, N=", x.size(2),
-                "), got ", x2->sizes());
-  }
+  check_pixel_matmul_args(weight, x, weight2, x2);
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor* w2 = weight2.has_value() ? &*weight2 : nullptr;
   const at::Tensor* x2p = x2.has_value() ? &*x2 : nullptr;

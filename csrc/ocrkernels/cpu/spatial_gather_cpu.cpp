@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
     const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
     SoftmaxStats<acc_t>* st = stats.data() + task * K;
     acc_t* O = part_ptr + task * C * Kc;  // (C, Kc)
-    for (int64_t k = 0; k < K; ++k) st[k] = {-std::numeric_limits<acc_t>::infinity(), 0};
+    for (int64_t k = 0; k < K; ++k) st[k] = empty_stats<acc_t>();
     for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, c1 - n0);
       bool rescaled = false;

@@ -1,0 +1,163 @@
+// Shared pieces of the CUDA kernels: launch helpers and one tiled GEMM building block.
+//
+// Headers are kept lean (ATen/core/Tensor.h and c10/cuda, not torch/extension.h) so that the
+// CI compile check of every .cu for sm_80 and sm_90 stays fast. Every index that can reach
+// B * C * N is int64_t. No reduction uses atomics: each block writes its own partial, and a
+// later kernel reduces the partials in a fixed order, so two runs give the same bits.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/bn_relu.h"
+#include "../common/macros.h"
+
+namespace ocrkernels {
+namespace cuda {
+
+constexpr int kThreads = 256;
+// Output tile of the GEMM block: 64 x 64, 16 x 16 threads with 4 x 4 outputs each; the
+// reduction dimension is staged through shared memory 16 at a time.
+constexpr int kTM = 64;
+constexpr int kTN = 64;
+constexpr int kTK = 16;
+
+OCR_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// fp16 / bf16 accumulate in fp32, fp64 in fp64.
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_cuda_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+// gridDim.y and gridDim.z are limited to 65535.
+inline void check_grid_yz(const char* op, int64_t y, int64_t z) {
+  TORCH_CHECK(y <= 65535 && z <= 65535, op, ": shape too large for the CUDA grid (", y, ", ", z,
+              " > 65535 tiles)");
+}
+
+// acc (4 x 4 per thread) += A (kTM x depth) . B (depth x kTN) for one output tile, reading the
+// operands through load_a(i, j) and load_b(j, n) (tile-local i, n; global j), which return 0
+// outside the matrices and may compute their value on the fly (a softmax weight, a conversion
+// from fp16). As and Bs are kTK * kTM and kTK * kTN shared arrays. The sum over j runs in a
+// fixed order for every output, so the result is deterministic.
+template <typename acc_t, typename LoadA, typename LoadB>
+__device__ __forceinline__ void tile_mma(acc_t (&acc)[4][4], int64_t depth, const LoadA& load_a,
+                                         const LoadB& load_b, acc_t* As, acc_t* Bs) {
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  for (int64_t j0 = 0; j0 < depth; j0 += kTK) {
+    for (int e = tid; e < kTK * kTM; e += kThreads) {
+      const int jj = e / kTM, i = e % kTM;
+      As[jj * kTM + i] = j0 + jj < depth ? load_a(i, j0 + jj) : acc_t(0);
+    }
+    for (int e = tid; e < kTK * kTN; e += kThreads) {
+      const int jj = e / kTN, n = e % kTN;
+      Bs[jj * kTN + n] = j0 + jj < depth ? load_b(j0 + jj, n) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kTK; ++jj) {
+      acc_t a[4], b[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[r] = As[jj * kTM + ty * 4 + r];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) b[c] = Bs[jj * kTN + tx * 4 + c];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * b[c];
+    }
+    __syncthreads();
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void zero_tile(acc_t (&acc)[4][4]) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = acc_t(0);
+}
+
+// out[b] (M x N) = epilogue(A1[b] (M x J1) . X1[b] (J1 x N) + A2[b] (M x J2) . X2[b] (J2 x N)):
+// a 1x1 convolution over a pixel map, or two of them summed (the concat conv split in two,
+// so the concat never exists). A batch stride of 0 shares the weights across the batch.
+template <typename acc_t, typename x1_t, typename x2_t, typename out_t>
+struct PixelGemm {
+  int64_t M, N, J1, J2;
+  const acc_t* a1;
+  int64_t a1_batch;
+  const x1_t* x1;
+  int64_t x1_batch;
+  const acc_t* a2;  // null when J2 == 0
+  int64_t a2_batch;
+  const x2_t* x2;
+  int64_t x2_batch;
+  const acc_t* bias;  // per output row, or null
+  bool relu;
+  out_t* out;
+  int64_t out_batch;
+};
+
+template <typename acc_t, typename x1_t, typename x2_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    pixel_gemm_kernel(PixelGemm<acc_t, x1_t, x2_t, out_t> p) {
+  __shared__ acc_t As[kTK * kTM];
+  __shared__ acc_t Bs[kTK * kTN];
+  const int64_t b = blockIdx.z, n0 = int64_t(blockIdx.x) * kTN, m0 = int64_t(blockIdx.y) * kTM;
+  const acc_t* a1 = p.a1 + b * p.a1_batch;
+  const acc_t* a2 = p.a2 ? p.a2 + b * p.a2_batch : nullptr;
+  const x1_t* x1 = p.x1 + b * p.x1_batch;
+  const x2_t* x2 = p.x2 ? p.x2 + b * p.x2_batch : nullptr;
+  auto load_a = [&](int i, int64_t j) -> acc_t {
+    const int64_t m = m0 + i;
+    if (m >= p.M) return acc_t(0);
+    return j < p.J1 ? a1[m * p.J1 + j] : a2[m * p.J2 + (j - p.J1)];
+  };
+  auto load_b = [&](int64_t j, int n) -> acc_t {
+    const int64_t col = n0 + n;
+    if (col >= p.N) return acc_t(0);
+    return j < p.J1 ? static_cast<acc_t>(x1[j * p.N + col])
+                    : static_cast<acc_t>(x2[(j - p.J1) * p.N + col]);
+  };
+  acc_t acc[4][4];
+  zero_tile(acc);
+  tile_mma(acc, p.J1 + p.J2, load_a, load_b, As, Bs);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  out_t* out = p.out + b * p.out_batch;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t m = m0 + ty * 4 + r;
+    if (m >= p.M) continue;
+    const acc_t bias = p.bias ? p.bias[m] : acc_t(0);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t col = n0 + tx * 4 + c;
+      if (col < p.N) out[m * p.N + col] = static_cast<out_t>(bias_relu(acc[r][c], bias, p.relu));
+    }
+  }
+}
+
+template <typename acc_t, typename x1_t, typename x2_t, typename out_t>
+void launch_pixel_gemm(const PixelGemm<acc_t, x1_t, x2_t, out_t>& p, int64_t B,
+                       cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kTN)),
+                  static_cast<unsigned>(ceil_div(p.M, kTM)), static_cast<unsigned>(B));
+  pixel_gemm_kernel<<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace ocrkernels
