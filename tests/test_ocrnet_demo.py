@@ -35,11 +35,11 @@ def test_synthetic_colour_families():
     for k in (1, 2, 3, 4):
         rgb = np.asarray(COLOUR_FAMILIES[CLASS_FAMILY[k]], np.float64)
         assert np.abs(mean[k] - rgb[::-1]).max() < 20, (k, mean[k])
-    for k in (5, 6):  # two shades of the family colour: between 0.35x and 1x of it
+    for k in (5, 6):  # half the family colour, half a 0.2-0.35x shade of it: about 0.64x
         rgb = np.asarray(COLOUR_FAMILIES[CLASS_FAMILY[k]], np.float64)[::-1]
         ratio = mean[k] / rgb
         bright = rgb > 100  # the strong channels of the family colour
-        assert np.all((ratio[bright] > 0.55) & (ratio[bright] < 0.9)), (k, mean[k])
+        assert np.all((ratio[bright] > 0.5) & (ratio[bright] < 0.8)), (k, mean[k])
     assert np.ptp(mean[0]) < 20  # the background is grey-ish on average
     for rgb in COLOUR_FAMILIES.values():
         assert np.linalg.norm(mean[0] - np.asarray(rgb)[::-1]) > 60

@@ -16,7 +16,7 @@ id    class       look
 3     triangle    blue: solid filled equilateral triangle, random rotation
 4     ring        yellow: solid annulus (hole shows what is below)
 5     striped     red family: ellipse of stripes in two shades (random angle, period 6-9 px)
-6     checkered   green family: ellipse of a two-shade checkerboard (cells 4-6 px)
+6     checkered   green family: ellipse of a two-shade checkerboard (cells 5-7 px)
 ====  ==========  ===============================================================
 
 Objects span 0.3-0.7 of the image height, later objects occlude earlier ones, and an
@@ -178,14 +178,14 @@ class SyntheticDataset:
         c1 = _class_colour(cls, rng)
         if cls in (1, 2, 3, 4):
             return np.broadcast_to(c1, (h, w, 3))
-        c2 = c1 * rng.uniform(0.35, 0.55)
+        c2 = c1 * rng.uniform(0.2, 0.35)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         if cls == 5:
             period, ang = rng.uniform(6, 9), rng.uniform(0, math.pi)
             phase = (xx * math.cos(ang) + yy * math.sin(ang)) / period
             sel = (np.floor(phase) % 2).astype(bool)
         else:
-            cell, ang = rng.uniform(4, 6), rng.uniform(0, math.pi / 2)
+            cell, ang = rng.uniform(5, 7), rng.uniform(0, math.pi / 2)
             u = (xx * math.cos(ang) + yy * math.sin(ang)) / cell
             v = (-xx * math.sin(ang) + yy * math.cos(ang)) / cell
             sel = ((np.floor(u) + np.floor(v)) % 2).astype(bool)
