@@ -28,6 +28,31 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# -- spatial gather: inputs and one forward + backward, shared by every backend's tests --------
+
+def make_inputs(B, K, C, H, W, dtype=torch.float32, logit_scale=3.0):
+    """(probs (B, K, H, W), feats (B, C, H, W), grad_out (B, C, K, 1)), drawn in float64."""
+    probs = (torch.randn(B, K, H, W, dtype=torch.float64) * logit_scale).to(dtype)
+    feats = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, C, K, 1, dtype=torch.float64).to(dtype)
+    return probs, feats, grad
+
+
+def forward_backward(fn, probs, feats, grad, scale=1.0):
+    """fn(probs, feats, scale) and its gradients with respect to both inputs."""
+    p = probs.detach().requires_grad_(True)
+    f = feats.detach().requires_grad_(True)
+    out = fn(p, f, scale)
+    gp, gf = torch.autograd.grad(out, (p, f), grad)
+    return out, gp, gf
+
+
+def ref64(p, f, s):
+    """The plain-PyTorch spatial gather in float64."""
+    from ocrkernels import reference
+    return reference.spatial_gather(p.double(), f.double(), s)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

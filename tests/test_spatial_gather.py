@@ -7,7 +7,7 @@ import torch
 
 import ocrkernels
 from ocrkernels import reference
-from conftest import rel_err
+from conftest import forward_backward, make_inputs, ref64, rel_err
 
 pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                 reason="ocrkernels._C is not built")
@@ -27,27 +27,8 @@ SHAPES = [
 ]
 
 
-def make_inputs(B, K, C, H, W, dtype=torch.float32, logit_scale=3.0):
-    probs = (torch.randn(B, K, H, W, dtype=torch.float64) * logit_scale).to(dtype)
-    feats = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
-    grad = torch.randn(B, C, K, 1, dtype=torch.float64).to(dtype)
-    return probs, feats, grad
-
-
-def forward_backward(fn, probs, feats, grad, scale=1.0):
-    p = probs.detach().requires_grad_(True)
-    f = feats.detach().requires_grad_(True)
-    out = fn(p, f, scale)
-    gp, gf = torch.autograd.grad(out, (p, f), grad)
-    return out, gp, gf
-
-
 def cpu_op(p, f, s):
     return ocrkernels.spatial_gather(p, f, s, backend="cpu")
-
-
-def ref64(p, f, s):
-    return reference.spatial_gather(p.double(), f.double(), s)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -25,6 +25,7 @@ from ocrkernels.modules import fold_conv_bn  # noqa: E402
 from ocrkernels.triton.object_attention import object_attention_eval  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_modules import randomise_batchnorm  # noqa: E402
+from test_object_attention import make_block, run  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,18 +42,6 @@ SHAPES = [
     (2, 24, 16, 1, 3, 6),
     (1, 20, 12, 19, 4, 5),
 ]
-
-
-def make_block(C, D, dtype=torch.float32):
-    block = ocrkernels.ObjectAttention(C, D).eval().to(dtype)
-    randomise_batchnorm(block)
-    return block
-
-
-def run(block, feats, regions, fused):
-    block.fused = fused
-    with torch.no_grad():
-        return block(feats, regions)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

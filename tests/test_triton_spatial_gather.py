@@ -26,7 +26,7 @@ import ocrkernels  # noqa: E402
 from ocrkernels import reference  # noqa: E402
 from ocrkernels.triton import kernels as K_  # noqa: E402
 from ocrkernels.triton import spatial_gather as tsg  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import forward_backward, make_inputs, ref64, rel_err  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,27 +46,8 @@ SHAPES = [
 ]
 
 
-def make_inputs(B, K, C, H, W, dtype=torch.float32, logit_scale=3.0):
-    probs = (torch.randn(B, K, H, W, dtype=torch.float64) * logit_scale).to(dtype)
-    feats = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
-    grad = torch.randn(B, C, K, 1, dtype=torch.float64).to(dtype)
-    return probs, feats, grad
-
-
-def forward_backward(fn, probs, feats, grad, scale=1.0):
-    p = probs.detach().requires_grad_(True)
-    f = feats.detach().requires_grad_(True)
-    out = fn(p, f, scale)
-    gp, gf = torch.autograd.grad(out, (p, f), grad)
-    return out, gp, gf
-
-
 def triton_op(p, f, s):
     return ocrkernels.spatial_gather(p, f, s, backend="triton")
-
-
-def ref64(p, f, s):
-    return reference.spatial_gather(p.double(), f.double(), s)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
