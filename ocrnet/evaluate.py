@@ -237,28 +237,6 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
 # ocrnet test
 # --------------------------------------------------------------------------------------------
 
-def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we created the group) from torchrun's variables."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    dev = torch.device("cuda", local % torch.cuda.device_count()) if cuda else \
-        torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        owns = True
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return rank, world, dev, owns
-
-
 def _mask_name(index: int, meta: dict) -> str:
     path = meta.get("img_path")
     return f"{Path(path).stem}.png" if path else f"{index:06d}.png"
@@ -297,7 +275,9 @@ def run_test(config, checkpoint: str | os.PathLike, *, data_root: str | None = N
     # The dataset before the process group: a missing folder is reported by every process
     # at once, with nothing to tear down.
     dataset = build_split(cfg, TrainOptions(data_root=data_root), "val")
-    rank, world, dev, owns = _init_distributed(device)
+    from .train import _setup_distributed
+    d = _setup_distributed(device)
+    rank, world, dev, owns = d.rank, d.world, d.device, d.owns_group
     try:  # a failure skips the closing barrier: the other processes may be elsewhere
         model = init_model(cfg, checkpoint, device=dev, fused=False)
         if fused:

@@ -357,7 +357,7 @@ def _setup_distributed(device: str) -> _Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("TrainOptions.device='cuda' but CUDA is not available")
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
     dev = torch.device("cuda", local % torch.cuda.device_count()) if use_cuda else \
         torch.device("cpu")
     if use_cuda:
