@@ -1,6 +1,7 @@
 # The two front-door commands:
 #   make demo   set up .venv (torch CPU, the package, the C++ extension built in place), then train
-#               a small OCRNet on the embedded synthetic set (a 4-minute budget) and evaluate it
+#               a small OCRNet on the embedded synthetic set (a 4-minute budget), evaluate it,
+#               and print the kernel benchmark table at small shapes
 #   make test   same set-up, then the whole test suite
 #   make bench  the kernel benchmark (bench/run.py), fused against the eager reference
 PYTHON ?= python3
@@ -27,8 +28,10 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
+# The kernel table at small shapes (seconds); `make bench` measures the real ones (minutes).
 demo: $(BUILT)
 	$(PY) -m ocrnet demo --minutes 4
+	$(PY) bench/run.py --quick --no-compile
 
 bench: $(BUILT)
 	$(PY) bench/run.py --json bench/results.json
