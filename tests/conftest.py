@@ -47,6 +47,24 @@ def forward_backward(fn, probs, feats, grad, scale=1.0):
     return out, gp, gf
 
 
+def saved_bytes_beyond_inputs(fn, probs, feats):
+    """Bytes autograd keeps for backward when fn(probs, feats) runs, counting each storage once
+    and leaving out the inputs' own storages."""
+    p, f = probs.requires_grad_(True), feats.requires_grad_(True)
+    inputs = {p.untyped_storage().data_ptr(), f.untyped_storage().data_ptr()}
+    extra = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in inputs:
+            extra[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(p, f)
+    return sum(extra.values())
+
+
 def ref64(p, f, s):
     """The plain-PyTorch spatial gather in float64."""
     from ocrkernels import reference

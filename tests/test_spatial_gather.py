@@ -7,7 +7,8 @@ import torch
 
 import ocrkernels
 from ocrkernels import reference
-from conftest import forward_backward, make_inputs, ref64, rel_err
+from conftest import (forward_backward, make_inputs, ref64, rel_err,
+                      saved_bytes_beyond_inputs)
 
 pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                 reason="ocrkernels._C is not built")
@@ -147,19 +148,8 @@ def test_lse_is_the_only_saved_state():
     """What autograd keeps beyond the inputs is the (B, K, 2) log-sum-exp, nothing of size N."""
     B, K, C, H, W = 2, 19, 32, 33, 65
     probs, feats, _ = make_inputs(B, K, C, H, W)
-    p, f = probs.requires_grad_(True), feats.requires_grad_(True)
-    inputs = {p.untyped_storage().data_ptr(), f.untyped_storage().data_ptr()}
-    extra = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            extra[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ocrkernels.spatial_gather(p, f, backend="cpu")
-    assert sum(extra.values()) == B * K * 2 * 4
+    assert saved_bytes_beyond_inputs(lambda p, f: ocrkernels.spatial_gather(p, f, backend="cpu"),
+                                     probs, feats) == B * K * 2 * 4
 
 
 class _GatherModule(torch.nn.Module):

@@ -26,7 +26,8 @@ import ocrkernels  # noqa: E402
 from ocrkernels import reference  # noqa: E402
 from ocrkernels.triton import kernels as K_  # noqa: E402
 from ocrkernels.triton import spatial_gather as tsg  # noqa: E402
-from conftest import forward_backward, make_inputs, ref64, rel_err  # noqa: E402
+from conftest import (forward_backward, make_inputs, ref64, rel_err,  # noqa: E402
+                      saved_bytes_beyond_inputs)
 
 
 @pytest.fixture(autouse=True)
@@ -157,19 +158,8 @@ def test_saves_only_lse():
     """What autograd keeps beyond the inputs is the (B, K, 2) log-sum-exp, nothing of size N."""
     B, K, C, H, W = 2, 5, 12, 9, 13
     probs, feats, _ = make_inputs(B, K, C, H, W)
-    p, f = probs.requires_grad_(True), feats.requires_grad_(True)
-    inputs = {p.untyped_storage().data_ptr(), f.untyped_storage().data_ptr()}
-    extra = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            extra[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        triton_op(p, f, 1.0)
-    assert sum(extra.values()) == B * K * 2 * 4
+    assert saved_bytes_beyond_inputs(lambda p, f: triton_op(p, f, 1.0), probs, feats) == \
+        B * K * 2 * 4
 
 
 def test_opcheck_forward_with_autograd():

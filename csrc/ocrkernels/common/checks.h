@@ -129,6 +129,17 @@ inline void check_bn_backward(const char* op, const at::Tensor& dh, const at::Te
     check_bn_like(op, *t, name, {d.ch}, z);
 }
 
+// bn_relu_backward_apply: the backward's tensors, the (2, C) gradient sums and the count.
+inline void check_bn_backward_apply(const at::Tensor& dh, const at::Tensor& z,
+                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& scale, const at::Tensor& beta,
+                                    const at::Tensor& sums, double count) {
+  const char* op = "bn_relu_backward_apply";
+  check_bn_backward(op, dh, z, mean, invstd, scale, beta);
+  check_bn_like(op, sums, "sums", {2, z.size(1)}, z);
+  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+}
+
 // pixel_matmul
 inline void check_pixel_matmul_dtype(const char* op, const char* name, const at::Tensor& t,
                                      const at::Tensor& like) {

@@ -200,10 +200,7 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
                                       const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                       const at::Tensor& scale_in, const at::Tensor& beta_in,
                                       const at::Tensor& sums_in, double count) {
-  const char* op = "bn_relu_backward_apply";
-  check_bn_backward(op, dh_in, z_in, mean_in, invstd_in, scale_in, beta_in);
-  check_bn_like(op, sums_in, "sums", {2, z_in.size(1)}, z_in);
-  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+  check_bn_backward_apply(dh_in, z_in, mean_in, invstd_in, scale_in, beta_in, sums_in, count);
   at::AutoDispatchBelowADInplaceOrView guard;
   const BnDims d{z_in.size(0), z_in.size(1), z_in.size(2)};
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous(), sums = sums_in.contiguous();
