@@ -4,7 +4,7 @@
 // the tile's operands are already in L1/L2.
 //
 //   gemm_nn:     Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
-//   gemm_nn_p16: the same with B already in the P16 panel layout (below), Out row-major or P16
+//   gemm_nn_p16: the same with B already in the P16 panel layout (below)
 //   gemm_nt:     Out[i, j] += sum_n A[i, n] * Bm[j, n]      (i < M, j < J, n < nb; accumulates)
 // gemm_nn's epilogue `ep` optionally starts from the old Out (accumulate), adds a per-row bias
 // and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
@@ -87,19 +87,6 @@ void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, 
 // tile, an activation tile) can write it in this layout and skip the packing copy.
 inline int64_t p16_floats(int64_t R, int64_t n) { return (n + 15) / 16 * 16 * R; }
 
-// Where a GEMM writes: element (r, 16 s + q) at ptr[s * strip_stride + r * ldo + q]. A row-major
-// output stops at its last column; a P16 output is written in whole strips.
-template <typename T>
-struct OutView {
-  T* ptr;
-  int64_t ldo;
-  int64_t strip_stride;
-  bool whole_strips;
-
-  static OutView row_major(T* ptr, int64_t ldo) { return {ptr, ldo, 16, false}; }
-  static OutView p16(T* ptr, int64_t rows) { return {ptr, 16, 16 * rows, true}; }
-};
-
 // Packs the last, partial strip (columns [16 * (n / 16), n)) and zero-fills its padding.
 template <typename T>
 void pack_p16_tail(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
@@ -110,24 +97,16 @@ void pack_p16_tail(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
   }
 }
 
-template <typename T>
-void pack_p16_generic(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t s = 0; s < n / 16; ++s)
-      for (int64_t q = 0; q < 16; ++q) Xp[(s * R + r) * 16 + q] = X[r * ldx + s * 16 + q];
-  if (n % 16) pack_p16_tail(R, n, X, ldx, Xp);
-}
-
-// Out = ep(A (M x J) . B (J x n)) with B in P16. Row-major outputs stop at column n.
+// Out (M x n, row-major) = ep(A (M x J) . B (J x n)) with B in P16.
 template <typename T>
 void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
-                         const OutView<T>& out, Epilogue<T> ep) {
+                         T* Out, int64_t ldo, Epilogue<T> ep) {
   T acc[16];
   for (int64_t s = 0; s < (n + 15) / 16; ++s) {
-    const int64_t cols = out.whole_strips ? 16 : std::min<int64_t>(16, n - s * 16);
+    const int64_t cols = std::min<int64_t>(16, n - s * 16);
     const T* strip = Bp + s * J * 16;
     for (int64_t i = 0; i < M; ++i) {
-      T* o = out.ptr + s * out.strip_stride + i * out.ldo;
+      T* o = Out + s * 16 + i * ldo;
       for (int64_t q = 0; q < 16; ++q) acc[q] = ep.accumulate && q < cols ? o[q] : T(0);
       for (int64_t j = 0; j < J; ++j) {
         const T a = A[i * lda + j];
@@ -237,35 +216,33 @@ OCR_AVX2 inline void nn_tile_cols(int64_t J, const float* A, int64_t lda, const 
   else nn_tile16_cols<MT>(J, A, lda, strip, Out, ldo, ep, cols);
 }
 
-// Out = ep(A . Bp) over strips [s0, s1) of a P16 operand (Bp points at strip 0). Within a group
-// of strips sized to stay in L2, either each block of 6 rows of A stays in L1 while the group's
-// strips pass (when A is the larger operand: weights against a pixel tile), or each strip stays in
-// L1 while all of A passes.
-OCR_AVX2 inline void nn_p16_strips(int64_t M, int64_t J, int64_t n, int64_t s0, int64_t s1,
-                                   const float* A, int64_t lda, const float* Bp,
-                                   const OutView<float>& out, const Epilogue<float>& ep) {
+// Out (M x n, row-major) = ep(A . Bp), B in P16. Within a group of strips sized to stay in L2,
+// either each block of 6 rows of A stays in L1 while the group's strips pass (when A is the
+// larger operand: weights against a pixel tile), or each strip stays in L1 while all of A passes.
+OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int64_t lda,
+                            const float* Bp, float* Out, int64_t ldo, const Epilogue<float>& ep) {
+  const int64_t strips = (n + 15) / 16;
   // When A is the larger operand and the packed one fits in L2, all strips form one group, so
   // that A is streamed once (F against the gather's softmax weights).
-  const int64_t group = M > (s1 - s0) * 16 && (s1 - s0) * J * 16 <= kWholeFloats
-                            ? s1 - s0
+  const int64_t group = M > strips * 16 && strips * J * 16 <= kWholeFloats
+                            ? strips
                             : std::max<int64_t>(1, kGroupFloats / (J * 16));
   auto rows_from = [&](int64_t i) {
     Epilogue<float> epi = ep;
     if (ep.bias) epi.bias = ep.bias + i;
     return epi;
   };
-  for (int64_t g0 = s0; g0 < s1; g0 += group) {
-    const int64_t g1 = std::min(s1, g0 + group);
+  for (int64_t g0 = 0; g0 < strips; g0 += group) {
+    const int64_t g1 = std::min(strips, g0 + group);
     auto row_block = [&](int64_t i, int64_t s) {
       const float* strip = Bp + s * J * 16;
-      float* o = out.ptr + s * out.strip_stride;
-      const int64_t cols = out.whole_strips ? 16 : std::min<int64_t>(16, n - s * 16);
+      float* o = Out + s * 16;
+      const int64_t cols = std::min<int64_t>(16, n - s * 16);
       if (i + 6 <= M) {
-        nn_tile_cols<6>(J, A + i * lda, lda, strip, o + i * out.ldo, out.ldo, rows_from(i), cols);
+        nn_tile_cols<6>(J, A + i * lda, lda, strip, o + i * ldo, ldo, rows_from(i), cols);
       } else {
         for (int64_t r = i; r < M; ++r)
-          nn_tile_cols<1>(J, A + r * lda, lda, strip, o + r * out.ldo, out.ldo, rows_from(r),
-                          cols);
+          nn_tile_cols<1>(J, A + r * lda, lda, strip, o + r * ldo, ldo, rows_from(r), cols);
       }
     };
     if (M > (g1 - g0) * 16) {
@@ -304,8 +281,7 @@ OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float*
     const int64_t s1 = std::min(strips, s0 + group);
     const int64_t cols = std::min(nb, s1 * 16) - s0 * 16;
     pack_p16_avx2(J, cols, Bm + s0 * 16, ldb, packed.data());
-    nn_p16_strips(M, J, cols, 0, s1 - s0, A, lda, packed.data(),
-                  OutView<float>::row_major(Out + s0 * 16, ldo), ep);
+    nn_p16(M, J, cols, A, lda, packed.data(), Out + s0 * 16, ldo, ep);
   }
 }
 
@@ -368,24 +344,15 @@ inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, c
   gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
 }
 
-template <typename T>
-inline void pack_p16(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
-#if OCR_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx2()) return pack_p16_avx2(R, n, X, ldx, Xp);
-#endif
-  pack_p16_generic(R, n, X, ldx, Xp);
-}
-
-// Out = ep(A (M x J) . B (J x n)), B given in P16 (Bp, J rows), Out row-major or P16.
+// Out (M x n, row-major) = ep(A (M x J) . B (J x n)), B given in P16 (Bp, J rows).
 template <typename T>
 inline void gemm_nn_p16(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
-                        const OutView<T>& out, Epilogue<T> ep = {}) {
+                        T* Out, int64_t ldo, Epilogue<T> ep = {}) {
 #if OCR_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx2()) return nn_p16_strips(M, J, n, 0, (n + 15) / 16, A, lda, Bp, out, ep);
+    if (cpu_has_avx2()) return nn_p16(M, J, n, A, lda, Bp, Out, ldo, ep);
 #endif
-  gemm_nn_p16_generic(M, J, n, A, lda, Bp, out, ep);
+  gemm_nn_p16_generic(M, J, n, A, lda, Bp, Out, ldo, ep);
 }
 
 #if OCR_HAVE_AVX2_PATH

@@ -180,11 +180,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   acc_t* part_ptr = partial.data_ptr<acc_t>();
 
   struct Scratch {
-    std::vector<acc_t> E, row, alpha;  // tile weights, one row of them, per-column rescales
+    std::vector<acc_t> E, row, alpha;  // tile weights, one row of them, per-class rescales
   };
   auto make_scratch = [&] {
     return Scratch{std::vector<acc_t>(Kc * kTileN), std::vector<acc_t>(p16 ? kTileN : 0),
-                   std::vector<acc_t>(Kc, acc_t(1))};
+                   std::vector<acc_t>(K)};
   };
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, Scratch& scratch) {
     acc_t* E = scratch.E.data();
@@ -219,8 +219,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
           for (int64_t n = 0; n < nb; ++n) dst[n * 16] = 0;
         }
         // O (C x Kc) += F_tile (C x nb) . E^T (nb x Kc)
-        cpu::gemm_nn_p16<acc_t>(C, nb, Kc, f_ptr + b * C * N + n0, N, E,
-                                cpu::OutView<acc_t>::row_major(O, Kc), {nullptr, false, true});
+        cpu::gemm_nn_p16<acc_t>(C, nb, Kc, f_ptr + b * C * N + n0, N, E, O, Kc,
+                                {nullptr, false, true});
       } else {
         // O (C x K) += F_tile (C x nb) . E^T (nb x K)
         cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E, kTileN, O, K);
@@ -311,8 +311,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
                         D + k * N, Wt + k * 16, 16 * K, nb);
       }
       // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
-      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt,
-                              cpu::OutView<acc_t>::row_major(gf_ptr + b * C * N + n0, N));
+      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, gf_ptr + b * C * N + n0, N);
     }
   });
 
