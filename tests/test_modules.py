@@ -24,16 +24,20 @@ def load_array(name: str) -> torch.Tensor:
     return torch.from_numpy(np.load(shared_path(*FIXTURE, name)))
 
 
-def randomise_batchnorm(module: torch.nn.Module) -> None:
-    """Non-trivial BN statistics and affine parameters, so eval mode tests something."""
+def randomise_batchnorm(module: torch.nn.Module, mean_scale: float = 0.1,
+                        bias_scale: float = 0.1) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, so eval mode tests something: running
+    means and biases normal with the given scales, variances and weights uniform in [0.5, 1.5).
+    Returns `module`."""
     g = torch.Generator().manual_seed(1)
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * mean_scale)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+            m.bias.data.copy_(torch.randn(n, generator=g) * bias_scale)
+    return module
 
 
 def test_state_dict_keys_are_mmsegmentation_keys():

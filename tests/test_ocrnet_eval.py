@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, rel_err
+from test_modules import randomise_batchnorm
 from torch import nn
 
 import ocrnet
@@ -54,18 +55,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@torch.no_grad()
-def _randomise_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
+def _randomise_batchnorm(model: nn.Module) -> nn.Module:
     """BN statistics away from the 0 / 1 init, so that predictions are not constant."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(0.5 * torch.randn(n, generator=g))
-    return model
+    with torch.no_grad():
+        return randomise_batchnorm(model, mean_scale=0.2, bias_scale=0.5)
 
 
 @pytest.fixture(scope="module")

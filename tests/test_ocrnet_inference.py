@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, rel_err, shared_path
+from test_modules import randomise_batchnorm
 from torch import nn
 
 import ocrkernels
@@ -40,17 +41,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@torch.no_grad()
 def _randomise_batchnorm(model: nn.Module) -> None:
     """BN statistics and affine parameters away from mmseg's 0 / 1 init, so folding matters."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    with torch.no_grad():
+        randomise_batchnorm(model, mean_scale=0.2, bias_scale=0.2)
 
 
 def _small_model(name: str = HR18S) -> ocrnet.OCRNet:
