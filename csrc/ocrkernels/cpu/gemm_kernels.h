@@ -5,9 +5,10 @@
 //
 //   gemm_nn:     Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
 //   gemm_nn_p16: the same with B already in the P16 panel layout (below)
-//   gemm_nt:     Out[i, j] += sum_n A[i, n] * Bm[j, n]      (i < M, j < J, n < nb; accumulates)
+//   gemm_nt:     Out[i, j] (+)= sum_n A[i, n] * Bm[j, n]    (i < M, j < J, n < nb)
 // gemm_nn's epilogue `ep` optionally starts from the old Out (accumulate), adds a per-row bias
 // and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
+// gemm_nt only overwrites or accumulates.
 #pragma once
 
 #include <algorithm>
@@ -60,7 +61,18 @@ struct Epilogue {
   const T* bias = nullptr;  // per output row, or none
   bool relu = false;
   bool accumulate = false;  // add to Out instead of overwriting it
+  // Full 16-column tiles bypass the caches (non-temporal stores): for a large output written once
+  // and not read again soon, this saves reading each line before it is overwritten. The AVX2
+  // path honours it only where Out and ldo keep every row 32-byte aligned (see streamable) and
+  // issues a store fence before returning; elsewhere it is a plain store.
+  bool stream = false;
 };
+
+// Whether rows of Out starting `ldo` floats apart can all take aligned 32-byte stores.
+template <typename T>
+inline bool streamable(const T* Out, int64_t ldo) {
+  return reinterpret_cast<std::uintptr_t>(Out) % 32 == 0 && (ldo * sizeof(T)) % 32 == 0;
+}
 
 template <typename T>
 void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
@@ -121,10 +133,14 @@ void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t ld
 
 constexpr int64_t kGroupFloats = 32 * 1024;  // packed strips kept in L2 at a time (128 KiB fp32)
 constexpr int64_t kWholeFloats = 96 * 1024;  // a packed operand up to this size stays in L2 whole
+// gemm_nt packs Bm^T for the NN kernel from this many columns of Out up; below (a handful of
+// classes) packing and padding to 16 columns cost more than they save, and dot-product blocks
+// read both operands in place.
+constexpr int64_t kNtPackMinCols = 32;
 
 template <typename T>
 void gemm_nt_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
-                     int64_t ldb, T* Out, int64_t ldo) {
+                     int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < J; ++j) {
       const T* a = A + i * lda;
@@ -132,7 +148,8 @@ void gemm_nt_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, 
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t n = 0; n < nb; ++n) acc += a[n] * b[n];
-      Out[i * ldo + j] += acc;
+      T* o = Out + i * ldo + j;
+      *o = accumulate ? *o + acc : acc;
     }
   }
 }
@@ -188,6 +205,14 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
       acc[r][1] = _mm256_max_ps(acc[r][1], zero);
     }
   }
+  if (ep.stream) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      _mm256_stream_ps(Out + r * ldo, acc[r][0]);
+      _mm256_stream_ps(Out + r * ldo + 8, acc[r][1]);
+    }
+    return;
+  }
 #pragma GCC unroll 8
   for (int r = 0; r < MT; ++r) {
     _mm256_storeu_ps(Out + r * ldo, acc[r][0]);
@@ -204,7 +229,9 @@ OCR_AVX2 inline void nn_tile16_cols(int64_t J, const float* A, int64_t lda, cons
   float buf[MT * 16] = {};
   if (ep.accumulate)
     for (int r = 0; r < MT; ++r) std::copy(Out + r * ldo, Out + r * ldo + cols, buf + r * 16);
-  nn_tile16<MT>(J, A, lda, strip, buf, 16, ep);
+  Epilogue<float> to_buf = ep;
+  to_buf.stream = false;
+  nn_tile16<MT>(J, A, lda, strip, buf, 16, to_buf);
   for (int r = 0; r < MT; ++r) std::copy(buf + r * 16, buf + r * 16 + cols, Out + r * ldo);
 }
 
@@ -220,7 +247,8 @@ OCR_AVX2 inline void nn_tile_cols(int64_t J, const float* A, int64_t lda, const 
 // either each block of 6 rows of A stays in L1 while the group's strips pass (when A is the
 // larger operand: weights against a pixel tile), or each strip stays in L1 while all of A passes.
 OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int64_t lda,
-                            const float* Bp, float* Out, int64_t ldo, const Epilogue<float>& ep) {
+                            const float* Bp, float* Out, int64_t ldo, Epilogue<float> ep) {
+  ep.stream = ep.stream && streamable(Out, ldo);
   const int64_t strips = (n + 15) / 16;
   // When A is the larger operand and the packed one fits in L2, all strips form one group, so
   // that A is streamed once (F against the gather's softmax weights).
@@ -253,6 +281,8 @@ OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int
         for (int64_t i = 0; i < M; i += 6) row_block(i, s);
     }
   }
+  // Non-temporal stores are weakly ordered: fence them before anyone else reads Out.
+  if (ep.stream) _mm_sfence();
 }
 
 OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t ldx, float* Xp) {
@@ -285,10 +315,53 @@ OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float*
   }
 }
 
+// Transposing pack: the P16 form of B = X^T for `cols` rows of X (X is cols x R, row-major):
+//   Xp[(s * R + r) * 16 + q] = X[16 s + q, r], zero past row `cols` of X.
+// Blocks of 8 x 8 are transposed in registers, so X is read in rows and Xp written in strips.
+OCR_AVX2 inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+OCR_AVX2 inline void pack_p16_transposed(int64_t R, int64_t cols, const float* X, int64_t ldx,
+                                         float* Xp) {
+  for (int64_t s = 0; s * 16 < cols; ++s) {
+    const float* src = X + s * 16 * ldx;
+    float* dst = Xp + s * R * 16;
+    const int64_t rows = std::min<int64_t>(16, cols - s * 16);
+    int64_t r0 = 0;
+    if (rows == 16) {
+      for (; r0 + 8 <= R; r0 += 8) {
+        for (int h = 0; h < 2; ++h) {  // X rows 8h .. 8h + 7 become lanes 8h .. 8h + 7
+          __m256 v[8];
+          for (int q = 0; q < 8; ++q) v[q] = _mm256_loadu_ps(src + (8 * h + q) * ldx + r0);
+          transpose8(v);
+          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (r0 + q) * 16 + 8 * h, v[q]);
+        }
+      }
+    }
+    for (int64_t r = r0; r < R; ++r)
+      for (int64_t q = 0; q < 16; ++q) dst[r * 16 + q] = q < rows ? src[q * ldx + r] : 0.0f;
+  }
+}
+
 // MT x JT block of Out: MT * JT accumulators of 8 lanes each, reduced once at the end.
 template <int MT, int JT>
 OCR_AVX2 inline void nt_block(int64_t nb, const float* A, int64_t lda, const float* Bm,
-                              int64_t ldb, float* Out, int64_t ldo) {
+                              int64_t ldb, float* Out, int64_t ldo, bool accumulate) {
   __m256 acc[MT][JT];
 #pragma GCC unroll 16
   for (int r = 0; r < MT; ++r)
@@ -310,24 +383,44 @@ OCR_AVX2 inline void nt_block(int64_t nb, const float* A, int64_t lda, const flo
     for (int q = 0; q < JT; ++q) {
       float s = hsum256(acc[r][q]);
       for (int64_t m = n; m < nb; ++m) s += A[r * lda + m] * Bm[q * ldb + m];
-      Out[r * ldo + q] += s;
+      float* o = Out + r * ldo + q;
+      *o = accumulate ? *o + s : s;
     }
   }
 }
 
 template <int MT>
 OCR_AVX2 inline void nt_rows(int64_t J, int64_t nb, const float* A, int64_t lda, const float* Bm,
-                             int64_t ldb, float* Out, int64_t ldo) {
+                             int64_t ldb, float* Out, int64_t ldo, bool accumulate) {
   int64_t j = 0;
-  for (; j + 3 <= J; j += 3) nt_block<MT, 3>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo);
-  for (; j < J; ++j) nt_block<MT, 1>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo);
+  for (; j + 3 <= J; j += 3)
+    nt_block<MT, 3>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo, accumulate);
+  for (; j < J; ++j) nt_block<MT, 1>(nb, A, lda, Bm + j * ldb, ldb, Out + j, ldo, accumulate);
 }
 
+// Out (M x J) (+)= A (M x nb) . Bm^T, Bm J x nb row-major. Bm is packed transposed, a group of
+// strips at a time, into a thread-local P16 buffer for the NN kernel (fewer loads per FMA),
+// unless Out has fewer than kNtPackMinCols columns (see there).
 OCR_AVX2 inline void gemm_nt_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) nt_rows<4>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo);
-  for (; i < M; ++i) nt_rows<1>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo);
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                                  bool accumulate) {
+  if (J < kNtPackMinCols) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4)
+      nt_rows<4>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo, accumulate);
+    for (; i < M; ++i) nt_rows<1>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo, accumulate);
+    return;
+  }
+  const int64_t strips = (J + 15) / 16;
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (nb * 16)));
+  thread_local std::vector<float> packed;
+  if (static_cast<int64_t>(packed.size()) < group * nb * 16) packed.resize(group * nb * 16);
+  for (int64_t s0 = 0; s0 < strips; s0 += group) {
+    const int64_t s1 = std::min(strips, s0 + group);
+    const int64_t cols = std::min(J, s1 * 16) - s0 * 16;
+    pack_p16_transposed(nb, cols, Bm + s0 * 16 * ldb, ldb, packed.data());
+    nn_p16(M, nb, cols, A, lda, packed.data(), Out + s0 * 16, ldo, {nullptr, false, accumulate});
+  }
 }
 
 #endif  // OCR_HAVE_AVX2_PATH
@@ -340,8 +433,8 @@ inline void gemm_nn(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, c
 
 template <typename T>
 inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, const T* Bm,
-                    int64_t ldb, T* Out, int64_t ldo) {
-  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+                    int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo, accumulate);
 }
 
 // Out (M x n, row-major) = ep(A (M x J) . B (J x n)), B given in P16 (Bp, J rows).
@@ -366,9 +459,10 @@ inline void gemm_nn<float>(int64_t M, int64_t J, int64_t nb, const float* A, int
 
 template <>
 inline void gemm_nt<float>(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                           const float* Bm, int64_t ldb, float* Out, int64_t ldo) {
-  if (cpu_has_avx2()) return gemm_nt_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo);
-  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo);
+                           const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                           bool accumulate) {
+  if (cpu_has_avx2()) return gemm_nt_avx2(M, J, nb, A, lda, Bm, ldb, Out, ldo, accumulate);
+  gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo, accumulate);
 }
 #endif
 

@@ -5,9 +5,9 @@
 //
 // Forward, per (batch, chunk): an online softmax over the chunk's tiles. For each tile every
 // class row finds the tile max, merges it into the running statistics (max, sum of exp) and
-// writes exp(s*P - max) to a K x kTileN scratch; the chunk's weighted sums (C x K) are rescaled
-// when a max moved and the tile's F (C x nb) . E^T (nb x K) is accumulated onto them with a
-// register-blocked micro-kernel, while the tile is still in cache. The chunks' partials are then
+// writes exp(s*P - max) to a K x kTileN scratch E; the chunk's weighted sums are rescaled where
+// a max moved and E (K x nb) . F_tile^T (nb x C) is accumulated onto them by a register-blocked
+// micro-kernel (gemm_nt) while E is still in cache. The chunks' partials are then
 // merged in chunk order (no atomics). Only the per-row split log-sum-exp (B, K, 2) = (max,
 // log sum) is kept for backward.
 //
@@ -32,6 +32,7 @@
 #include "../common/checks.h"
 #include "../common/online_softmax.h"
 #include "gemm_kernels.h"
+#include "large_buffer.h"
 #include "parallel.h"
 
 namespace ocrkernels {
@@ -153,11 +154,6 @@ constexpr int64_t kTileN = 512;
 
 int64_t num_chunks(int64_t n) { return (n + kChunkN - 1) / kChunkN; }
 
-// The forward's F_tile . E^T product runs either as the NT kernel over E (K x nb), or as the NN
-// kernel over E^T written straight in P16 with the classes padded to a multiple of 16. The NN
-// kernel is the faster one (fewer loads per FMA) unless padding wastes more than 1/8 of it.
-bool forward_uses_p16(int64_t K) { return 8 * K >= 7 * ((K + 15) / 16 * 16); }
-
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const at::Tensor& feats,
                                                 double scale_d) {
@@ -166,65 +162,54 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   const int64_t T = num_chunks(N);
   const auto acc = acc_type_of(probs.scalar_type());
   const acc_t s = static_cast<acc_t>(scale_d);
-  const bool p16 = forward_uses_p16(K);
-  const int64_t Kc = p16 ? (K + 15) / 16 * 16 : K;  // columns of the partial sums
 
   at::Tensor P = probs.reshape({B, K, N}).contiguous().to(acc);
   at::Tensor F = feats.reshape({B, C, N}).contiguous().to(acc);
   auto opts = P.options();
   // Per-chunk partials: softmax statistics and the weighted feature sums against the chunk max.
-  at::Tensor partial = at::zeros({B, T, C, Kc}, opts);
+  // With many classes the sums are class-major (K x C): E's rows are then the GEMM's A operand
+  // as written and its 16-wide strips run over channels, with no padding of the classes. With
+  // a few classes they are channel-major (C x K), the shape gemm_nt handles without packing.
+  // Every chunk's first tile overwrites its block, so no zero fill.
+  const bool class_major = K >= cpu::kNtPackMinCols;
+  const int64_t sk = class_major ? C : 1, sc = class_major ? 1 : K;  // strides of (k, c)
+  at::Tensor partial = at::empty({B, T, K * C}, opts);
   std::vector<SoftmaxStats<acc_t>> stats(B * T * K);
   const acc_t* p_ptr = P.const_data_ptr<acc_t>();
   const acc_t* f_ptr = F.const_data_ptr<acc_t>();
   acc_t* part_ptr = partial.data_ptr<acc_t>();
 
   struct Scratch {
-    std::vector<acc_t> E, row, alpha;  // tile weights, one row of them, per-class rescales
+    std::vector<acc_t> E, alpha;  // tile weights (K x kTileN), per-class rescales
   };
-  auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(Kc * kTileN), std::vector<acc_t>(p16 ? kTileN : 0),
-                   std::vector<acc_t>(K)};
-  };
+  auto make_scratch = [&] { return Scratch{std::vector<acc_t>(K * kTileN), std::vector<acc_t>(K)}; };
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, Scratch& scratch) {
     acc_t* E = scratch.E.data();
     acc_t* alpha = scratch.alpha.data();
     const int64_t b = task / T, j = task % T;
     const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
     SoftmaxStats<acc_t>* st = stats.data() + task * K;
-    acc_t* O = part_ptr + task * C * Kc;  // (C, Kc)
+    acc_t* O = part_ptr + task * K * C;
     for (int64_t k = 0; k < K; ++k) st[k] = empty_stats<acc_t>();
     for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, c1 - n0);
-      bool rescaled = false;
+      const bool first = n0 == c0;
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* x = p_ptr + (b * K + k) * N + n0;
         const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
-        acc_t* e = p16 ? scratch.row.data() : E + k * kTileN;
-        const acc_t tile_sum = exp_shifted(x, s, m, e, nb);
-        if (p16) {  // column k of E^T (nb x Kc) in P16
-          acc_t* dst = E + (k / 16) * nb * 16 + k % 16;
-          for (int64_t n = 0; n < nb; ++n) dst[n * 16] = e[n];
-        }
+        const acc_t tile_sum = exp_shifted(x, s, m, E + k * kTileN, nb);
         alpha[k] = rescale(st[k].max, m);
-        rescaled |= n0 != c0 && alpha[k] != acc_t(1);
         st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
       }
-      if (rescaled)
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t k = 0; k < K; ++k) O[c * Kc + k] *= alpha[k];
-      if (p16) {
-        for (int64_t k = K; k < Kc; ++k) {  // padding classes weigh nothing
-          acc_t* dst = E + (k / 16) * nb * 16 + k % 16;
-          for (int64_t n = 0; n < nb; ++n) dst[n * 16] = 0;
-        }
-        // O (C x Kc) += F_tile (C x nb) . E^T (nb x Kc)
-        cpu::gemm_nn_p16<acc_t>(C, nb, Kc, f_ptr + b * C * N + n0, N, E, O, Kc,
-                                {nullptr, false, true});
-      } else {
-        // O (C x K) += F_tile (C x nb) . E^T (nb x K)
-        cpu::gemm_nt<acc_t>(C, K, nb, f_ptr + b * C * N + n0, N, E, kTileN, O, K);
-      }
+      if (!first)
+        for (int64_t k = 0; k < K; ++k)
+          if (alpha[k] != acc_t(1))
+            for (int64_t c = 0; c < C; ++c) O[k * sk + c * sc] *= alpha[k];
+      const acc_t* Ft = f_ptr + b * C * N + n0;
+      if (class_major)  // O (K x C) (+)= E (K x nb) . F_tile^T (nb x C)
+        cpu::gemm_nt<acc_t>(K, C, nb, E, kTileN, Ft, N, O, C, !first);
+      else  // O (C x K) (+)= F_tile (C x nb) . E^T (nb x K)
+        cpu::gemm_nt<acc_t>(C, K, nb, Ft, N, E, kTileN, O, K, !first);
     }
   });
 
@@ -246,15 +231,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   }
   at::Tensor out_acc = at::empty({B, C, K}, opts);
   acc_t* o_ptr = out_acc.data_ptr<acc_t>();
-  at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / C, c = bc % C;
-      acc_t* o = o_ptr + bc * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = 0;
+  at::parallel_for(0, B * K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      acc_t* o = o_ptr + b * C * K + k;  // column k of (C, K)
+      for (int64_t c = 0; c < C; ++c) o[c * K] = 0;
       for (int64_t j = 0; j < T; ++j) {
-        const acc_t* pj = part_ptr + ((b * T + j) * C + c) * Kc;
-        const acc_t* fj = factor_ptr + (b * T + j) * K;
-        for (int64_t k = 0; k < K; ++k) o[k] += pj[k] * fj[k];
+        const acc_t* pj = part_ptr + (b * T + j) * K * C + k * sk;
+        const acc_t fj = factor_ptr[(b * T + j) * K + k];
+        for (int64_t c = 0; c < C; ++c) o[c * K] += pj[c * sc] * fj;
       }
     }
   });
@@ -280,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
   auto opts = P.options();
   // D = dR^T F is built in grad_probs' buffer and turned into grad_probs in place at the end;
   // fp16 / bf16 results go through fp32 buffers.
-  at::Tensor gP = at::empty({B, K, N}, opts);
-  at::Tensor gF = at::empty({B, C, N}, opts);
+  at::Tensor gP = cpu::empty_large({B, K, N}, opts);
+  at::Tensor gF = cpu::empty_large({B, C, N}, opts);
   at::Tensor delta_part = at::zeros({B, T, K}, opts);
   const acc_t* p_ptr = P.const_data_ptr<acc_t>();
   const acc_t* f_ptr = F.const_data_ptr<acc_t>();
@@ -311,7 +296,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
                         D + k * N, Wt + k * 16, 16 * K, nb);
       }
       // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
-      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, gf_ptr + b * C * N + n0, N);
+      // (streamed past the caches: grad_feats is written once and is C / K times D's size)
+      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, gf_ptr + b * C * N + n0, N,
+                              {nullptr, false, false, true});
     }
   });
 
