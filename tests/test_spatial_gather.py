@@ -13,7 +13,7 @@ from conftest import (forward_backward, make_inputs, ref64, rel_err,
 pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                 reason="ocrkernels._C is not built")
 
-CHUNK = 2048  # pixels per chunk of the CPU kernel; shapes below straddle it on purpose
+MAX_CHUNK = 2048  # the CPU kernel's largest chunk of pixels (8 or more chunks below that N)
 
 # (B, K, C, H, W): K=1, odd sizes, N not a multiple of any block, N over several chunks, B>1.
 SHAPES = [
@@ -22,8 +22,9 @@ SHAPES = [
     (2, 3, 5, 7, 11),
     (3, 19, 33, 13, 17),
     (1, 150, 20, 9, 31),
-    (2, 19, 64, 45, 101),        # N = 4545: two full chunks and a ragged third
-    (1, 5, 7, 1, CHUNK + 1),     # one pixel past a chunk boundary
+    (2, 19, 64, 45, 101),             # N = 4545: chunks of 576 (two tiles each), a ragged last
+    (1, 5, 7, 1, MAX_CHUNK + 1),      # chunks of 320 pixels and a ragged last one
+    (1, 3, 4, 1, 8 * MAX_CHUNK + 1),  # full-size chunks of four tiles, then one pixel
     (1, 21, 512, 31, 37),
 ]
 
@@ -123,7 +124,7 @@ def test_gradcheck_fp64():
 
 
 def test_gradcheck_fp64_across_chunks():
-    probs, feats, _ = make_inputs(1, 2, 2, 1, CHUNK + 3, dtype=torch.float64)
+    probs, feats, _ = make_inputs(1, 2, 2, 1, MAX_CHUNK + 3, dtype=torch.float64)
     p = probs.requires_grad_(True)
     f = feats.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: cpu_op(a, b, 1.0), (p, f), fast_mode=True)

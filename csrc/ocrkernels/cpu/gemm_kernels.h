@@ -133,6 +133,7 @@ void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t ld
 
 constexpr int64_t kGroupFloats = 32 * 1024;  // packed strips kept in L2 at a time (128 KiB fp32)
 constexpr int64_t kWholeFloats = 96 * 1024;  // a packed operand up to this size stays in L2 whole
+constexpr int64_t kPackPrefetchRows = 8;     // packing prefetches the row this far ahead
 // gemm_nt packs Bm^T for the NN kernel from this many columns of Out up; below (a handful of
 // classes) packing and padding to 16 columns cost more than they save, and dot-product blocks
 // read both operands in place.
@@ -287,13 +288,18 @@ OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int
 
 OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t ldx, float* Xp) {
   const int64_t full = n / 16;
-  for (int64_t r = 0; r < R; ++r)  // each row read in one sequential run
+  for (int64_t r = 0; r < R; ++r) {  // each row read in one sequential run
+    // Rows lie far apart (a pixel stride), too far for the hardware prefetcher to follow.
+    if (r + kPackPrefetchRows < R)
+      for (int64_t c = 0; c < n; c += 16)
+        __builtin_prefetch(X + (r + kPackPrefetchRows) * ldx + c, 0, 3);
     for (int64_t s = 0; s < full; ++s) {
       const float* src = X + r * ldx + s * 16;
       float* dst = Xp + (s * R + r) * 16;
       _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
       _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
     }
+  }
   if (full * 16 < n) pack_p16_tail(R, n, X, ldx, Xp);
 }
 

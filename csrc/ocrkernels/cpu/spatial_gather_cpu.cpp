@@ -1,7 +1,8 @@
 // Spatial gather on the CPU: R[b, c, k] = sum_n softmax_n(s * P[b, k, n]) * F[b, c, n].
 //
-// Pixels are cut into fixed chunks of kChunkN (the unit of parallel work; fixed, so that the
-// result's bits do not depend on the thread count) and chunks into tiles of kTileN pixels.
+// Pixels are cut into chunks (the unit of parallel work) of a size set by N alone, so that the
+// result's bits do not depend on the thread count or the batch, and chunks into tiles of kTileN
+// pixels.
 //
 // Forward, per (batch, chunk): an online softmax over the chunk's tiles. For each tile every
 // class row finds the tile max, merges it into the running statistics (max, sum of exp) and
@@ -149,17 +150,24 @@ at::ScalarType acc_type_of(at::ScalarType t) {
 }
 
 // Chunks of pixels are the unit of parallel work; tiles are the unit of the fused loop.
-constexpr int64_t kChunkN = 2048;
 constexpr int64_t kTileN = 512;
 
-int64_t num_chunks(int64_t n) { return (n + kChunkN - 1) / kChunkN; }
+// kMaxChunkN pixels per chunk, or fewer for a small image so that it still makes kMinChunks
+// tasks (a multiple of 64, at least kMinChunkN): one image of 32 x 32 pixels is 4 tasks, not 1.
+constexpr int64_t kMaxChunkN = 2048, kMinChunkN = 256, kMinChunks = 8;
+
+int64_t chunk_size(int64_t n) {
+  const int64_t even = ((n + kMinChunks - 1) / kMinChunks + 63) / 64 * 64;
+  return std::min(kMaxChunkN, std::max(kMinChunkN, even));
+}
+int64_t num_chunks(int64_t n) { return (n + chunk_size(n) - 1) / chunk_size(n); }
 
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const at::Tensor& feats,
                                                 double scale_d) {
   const int64_t B = probs.size(0), K = probs.size(1), C = feats.size(1);
   const int64_t N = probs.size(2) * probs.size(3);
-  const int64_t T = num_chunks(N);
+  const int64_t chunk = chunk_size(N), T = num_chunks(N);
   const auto acc = acc_type_of(probs.scalar_type());
   const acc_t s = static_cast<acc_t>(scale_d);
 
@@ -187,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
     acc_t* E = scratch.E.data();
     acc_t* alpha = scratch.alpha.data();
     const int64_t b = task / T, j = task % T;
-    const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+    const int64_t c0 = j * chunk, c1 = std::min(N, c0 + chunk);
     SoftmaxStats<acc_t>* st = stats.data() + task * K;
     acc_t* O = part_ptr + task * K * C;
     for (int64_t k = 0; k < K; ++k) st[k] = empty_stats<acc_t>();
@@ -253,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
                                                  const at::Tensor& lse_in, double scale_d) {
   const int64_t B = probs.size(0), K = probs.size(1), C = feats.size(1);
   const int64_t H = probs.size(2), W = probs.size(3), N = H * W;
-  const int64_t T = num_chunks(N);
+  const int64_t chunk = chunk_size(N), T = num_chunks(N);
   const auto acc = acc_type_of(probs.scalar_type());
   const acc_t s = static_cast<acc_t>(scale_d);
 
@@ -282,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, std::vector<acc_t>& scratch) {
     acc_t* Wt = scratch.data();
     const int64_t b = task / T, j = task % T;
-    const int64_t c0 = j * kChunkN, c1 = std::min(N, c0 + kChunkN);
+    const int64_t c0 = j * chunk, c1 = std::min(N, c0 + chunk);
     for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, c1 - n0);
       const acc_t* Ft = f_ptr + b * C * N + n0;
@@ -291,6 +299,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
       cpu::gemm_nn<acc_t>(K, C, nb, drt_ptr + b * K * C, C, Ft, N, D, N);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t row = b * K + k;
+        if (k + 2 < K)
+          for (int64_t i = 0; i < nb; i += 16)
+            __builtin_prefetch(p_ptr + (row + 2) * N + n0 + i, 0, 3);
         dp_ptr[task * K + k] +=
             weights_dot(p_ptr + row * N + n0, s, lse_ptr[2 * row], lse_ptr[2 * row + 1],
                         D + k * N, Wt + k * 16, 16 * K, nb);
