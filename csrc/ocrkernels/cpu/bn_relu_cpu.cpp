@@ -16,6 +16,7 @@
 #include "../common/checks.h"
 #include "../common/bn_stats.h"
 #include "gemm_kernels.h"
+#include "large_buffer.h"
 #include "parallel.h"
 
 namespace ocrkernels {
@@ -154,7 +155,7 @@ at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor z = z_in.contiguous(), mean = mean_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor h = at::empty_like(z);
+  at::Tensor h = cpu::empty_large(z.sizes(), z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu", [&] {
     const scalar_t *zp = z.const_data_ptr<scalar_t>(), *mp = mean.const_data_ptr<scalar_t>();
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
@@ -206,7 +207,7 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor&
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous(), sums = sums_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor dz = at::empty_like(z);
+  at::Tensor dz = cpu::empty_large(z.sizes(), z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu_backward_apply", [&] {
     const scalar_t *dhp = dh.const_data_ptr<scalar_t>(), *zp = z.const_data_ptr<scalar_t>();
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();

@@ -5,26 +5,31 @@
 //   Q2  = relu(Wq2 Q1 + bq2)               (D x nt)
 //   A   = softmax over K of (keys Q2)      (K x nt), keys already scaled by D^-0.5
 //   Ctx = relu(values A)                   (C x nt), out_project folded onto the K values
-//   Out = relu(Wctx Ctx + Wx X + b)        (C x nt), the concat conv split in two
-// Every intermediate lives in per-thread tile buffers; only Out is written to memory. Tiles are
+//   Out = relu([Wx Wctx] [X; Ctx] + b)     (C x nt), the concat conv as one GEMM over 2C
+// Every intermediate lives in per-thread tile buffers (X is copied under Ctx so that the last
+// GEMM reads one operand); only Out is written to memory, past the caches. Tiles are
 // independent and handed to threads one at a time, so the result does not depend on the thread
 // count. BN-folded weights come from Python (ocrkernels/modules.py); bias and ReLU run in the
 // GEMM epilogues.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/column_softmax.h"
 #include "gemm_kernels.h"
+#include "large_buffer.h"
 #include "parallel.h"
 
 namespace ocrkernels {
 namespace {
 
-constexpr int64_t kTile = 32;
+// Pixels per tile: wide enough that each block of weights fetched from L3 feeds four 16-pixel
+// strips, narrow enough that the tile's buffers (about 400 KiB at C = 512) stay in L2.
+constexpr int64_t kTile = 64;
 
 // Softmax down each column of S (K x nt, row stride ld): the attention of every pixel. The
 // body is common/column_softmax.h, the one the CUDA kernel runs per pixel.
@@ -51,8 +56,9 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
   at::Tensor X = prep(feats.reshape({B, C, N}));
   at::Tensor qw1 = prep(qw1_in), qb1 = prep(qb1_in), qw2 = prep(qw2_in), qb2 = prep(qb2_in);
   at::Tensor keys = prep(keys_in), values = prep(values_in);
-  at::Tensor wctx = prep(wctx_in), wx = prep(wx_in), bout = prep(bout_in);
-  at::Tensor out = at::empty({B, C, N}, X.options());
+  at::Tensor bout = prep(bout_in);
+  at::Tensor wcat = at::cat({prep(wx_in), prep(wctx_in)}, 1).contiguous();  // (C, 2C)
+  at::Tensor out = cpu::empty_large({B, C, N}, X.options());
 
   const T* x_ptr = X.const_data_ptr<T>();
   const T* qw1_p = qw1.const_data_ptr<T>();
@@ -61,33 +67,34 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
   const T* qb2_p = qb2.const_data_ptr<T>();
   const T* keys_p = keys.const_data_ptr<T>();
   const T* values_p = values.const_data_ptr<T>();
-  const T* wctx_p = wctx.const_data_ptr<T>();
-  const T* wx_p = wx.const_data_ptr<T>();
+  const T* wcat_p = wcat.const_data_ptr<T>();
   const T* bout_p = bout.const_data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   const int64_t tiles = (N + kTile - 1) / kTile;
 
   struct Scratch {
-    std::vector<T> q1, q2, s, ctx, col;
+    std::vector<T> q1, q2, s, xctx, col;  // xctx: the tile's X over its Ctx, (2C, kTile)
   };
   auto make_scratch = [&] {
     return Scratch{std::vector<T>(D * kTile), std::vector<T>(D * kTile), std::vector<T>(K * kTile),
-                   std::vector<T>(C * kTile), std::vector<T>(2 * kTile)};
+                   std::vector<T>(2 * C * kTile), std::vector<T>(2 * kTile)};
   };
   cpu::parallel_tasks(B * tiles, make_scratch, [&](int64_t task, Scratch& w) {
     const int64_t b = task / tiles, n0 = (task % tiles) * kTile;
     const int64_t nt = std::min(kTile, N - n0);
     const T* xt = x_ptr + b * C * N + n0;  // (C, nt), row stride N
     T* ot = out_p + b * C * N + n0;
-    cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xt, N, w.q1.data(), kTile, {qb1_p, true, false});
+    T* xc = w.xctx.data();
+    T* ctx = xc + C * kTile;
+    for (int64_t c = 0; c < C; ++c) std::copy(xt + c * N, xt + c * N + nt, xc + c * kTile);
+    cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xc, kTile, w.q1.data(), kTile, {qb1_p, true, false});
     cpu::gemm_nn<T>(D, D, nt, qw2_p, D, w.q1.data(), kTile, w.q2.data(), kTile,
                     {qb2_p, true, false});
     cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, w.q2.data(), kTile, w.s.data(), kTile);
     column_softmax_tile<T>(w.s.data(), K, nt, kTile, w.col.data(), w.col.data() + kTile);
-    cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), kTile, w.ctx.data(), kTile,
+    cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), kTile, ctx, kTile,
                     {nullptr, true, false});
-    cpu::gemm_nn<T>(C, C, nt, wx_p, C, xt, N, ot, N);
-    cpu::gemm_nn<T>(C, C, nt, wctx_p, C, w.ctx.data(), kTile, ot, N, {bout_p, true, true});
+    cpu::gemm_nn<T>(C, 2 * C, nt, wcat_p, 2 * C, xc, kTile, ot, N, {bout_p, true, false, true});
   });
   return out.to(feats.scalar_type()).view({B, C, H, W});
 }

@@ -11,6 +11,7 @@
 
 #include "../common/checks.h"
 #include "gemm_kernels.h"
+#include "large_buffer.h"
 #include "parallel.h"
 
 namespace ocrkernels {
@@ -26,7 +27,7 @@ at::Tensor matmul_impl(const at::Tensor& w_in, const at::Tensor& x_in, const at:
   const at::Tensor x2 = x2_in ? x2_in->contiguous() : at::Tensor();
   const int64_t B = x.size(0), J = x.size(1), N = x.size(2), M = w.size(0);
   const int64_t J2 = w2_in ? w2.size(1) : 0;
-  at::Tensor out = at::empty({B, M, N}, x.options());
+  at::Tensor out = cpu::empty_large({B, M, N}, x.options());
   if (B == 0 || N == 0 || M == 0) return out;
   if (J == 0 && !w2_in) return out.zero_();
   const T* wp = w.const_data_ptr<T>();
