@@ -217,8 +217,8 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         del z4
         dwc, dwx = wgrad(11, dz4, c), wgrad(12, dz4, x)
         dc = _nn(wc.t().contiguous(), dz4)
-        dx = _nn(wx.t().contiguous(), dz4)
-        del dz4
+        # dz4 stays until dz1 exists: x's gradient is then one fused pass over both products
+        # (wx^T dz4 + w1^T dz1) instead of a second full-size map and an addition.
         dz3, dg3, db3 = bn_backward(dc, z3, 2)
         del dc, z3, c
         dvalues = _bnt(dz3, attn)  # B, C, K
@@ -237,7 +237,7 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         dz1, dg1, db1 = bn_backward(dh1, z1, 0)
         del dh1, z1, h1
         dw1 = wgrad(1, dz1, x)
-        dx += _nn(w1.t().contiguous(), dz1)
+        dx = _nn(wx.t().contiguous(), dz4, w1.t().contiguous(), dz1)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dkeys, dvalues, dg3, db3, dwc, dwx, dg4, db4,
                 None, None, None)
 
