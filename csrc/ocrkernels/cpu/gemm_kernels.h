@@ -4,7 +4,7 @@
 // the tile's operands are already in L1/L2.
 //
 //   gemm_nn:     Out[i, n]  = ep(sum_j A[i, j] * Bm[j, n])  (i < M, j < J, n < nb)
-//   gemm_nn_p16: the same with B already in the P16 panel layout (below)
+//   gemm_nn_p16: the same with B already in the P16 panel layout (below), Out row-major or P16
 //   gemm_nt:     Out[i, j] (+)= sum_n A[i, n] * Bm[j, n]    (i < M, j < J, n < nb)
 // gemm_nn's epilogue `ep` optionally starts from the old Out (accumulate), adds a per-row bias
 // and applies ReLU while the tile is still in registers: a folded conv-BN-ReLU in one pass.
@@ -94,31 +94,43 @@ void gemm_nn_generic(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, 
 
 // P16 panel layout: a matrix of R rows and n columns stored as ceil(n / 16) strips of 16
 // columns, each strip holding its R rows contiguously:
-//   Xp[(s * R + r) * 16 + q] = X[r, 16 s + q], zero past column n.
+//   Xp[s * strip + r * 16 + q] = X[r, 16 s + q], zero past column n (strip = 16 R when alone).
 // It is the layout the NN micro-kernel reads B in; a kernel that produces an operand (a softmax
-// tile, an activation tile) can write it in this layout and skip the packing copy.
+// tile, an activation tile) can write it in this layout and skip the packing copy. A strip
+// step larger than 16 R stacks operands: the rows of two matrices in one panel.
+//
+// GEMM outputs are addressed by (ldo, ostrip): element (i, 16 s + q) at Out[s * ostrip +
+// i * ldo + q]. Row-major: (ld, 16). P16 in a panel with strip step S: (16, S).
 inline int64_t p16_floats(int64_t R, int64_t n) { return (n + 15) / 16 * 16 * R; }
 
 // Packs the last, partial strip (columns [16 * (n / 16), n)) and zero-fills its padding.
 template <typename T>
-void pack_p16_tail(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp) {
+void pack_p16_tail(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp, int64_t strip) {
   const int64_t s = n / 16, c0 = s * 16;
   for (int64_t r = 0; r < R; ++r) {
-    T* dst = Xp + (s * R + r) * 16;
+    T* dst = Xp + s * strip + r * 16;
     for (int64_t q = 0; q < 16; ++q) dst[q] = c0 + q < n ? X[r * ldx + c0 + q] : T(0);
   }
 }
 
-// Out (M x n, row-major) = ep(A (M x J) . B (J x n)) with B in P16.
+template <typename T>
+void pack_p16_generic(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp, int64_t strip) {
+  for (int64_t s = 0; s < n / 16; ++s)
+    for (int64_t r = 0; r < R; ++r)
+      std::copy(X + r * ldx + s * 16, X + r * ldx + s * 16 + 16, Xp + s * strip + r * 16);
+  if (n % 16) pack_p16_tail(R, n, X, ldx, Xp, strip);
+}
+
+// Out (M x n) = ep(A (M x J) . B (J x n)) with B in P16 (strip step bstrip), Out as above.
 template <typename T>
 void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
-                         T* Out, int64_t ldo, Epilogue<T> ep) {
+                         int64_t bstrip, T* Out, int64_t ldo, int64_t ostrip, Epilogue<T> ep) {
   T acc[16];
   for (int64_t s = 0; s < (n + 15) / 16; ++s) {
     const int64_t cols = std::min<int64_t>(16, n - s * 16);
-    const T* strip = Bp + s * J * 16;
+    const T* strip = Bp + s * bstrip;
     for (int64_t i = 0; i < M; ++i) {
-      T* o = Out + s * 16 + i * ldo;
+      T* o = Out + s * ostrip + i * ldo;
       for (int64_t q = 0; q < 16; ++q) acc[q] = ep.accumulate && q < cols ? o[q] : T(0);
       for (int64_t j = 0; j < J; ++j) {
         const T a = A[i * lda + j];
@@ -248,8 +260,9 @@ OCR_AVX2 inline void nn_tile_cols(int64_t J, const float* A, int64_t lda, const 
 // either each block of 6 rows of A stays in L1 while the group's strips pass (when A is the
 // larger operand: weights against a pixel tile), or each strip stays in L1 while all of A passes.
 OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int64_t lda,
-                            const float* Bp, float* Out, int64_t ldo, Epilogue<float> ep) {
-  ep.stream = ep.stream && streamable(Out, ldo);
+                            const float* Bp, int64_t bstrip, float* Out, int64_t ldo,
+                            int64_t ostrip, Epilogue<float> ep) {
+  ep.stream = ep.stream && streamable(Out, ldo) && streamable(Out, ostrip);
   const int64_t strips = (n + 15) / 16;
   // When A is the larger operand and the packed one fits in L2, all strips form one group, so
   // that A is streamed once (F against the gather's softmax weights).
@@ -264,13 +277,22 @@ OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int
   for (int64_t g0 = 0; g0 < strips; g0 += group) {
     const int64_t g1 = std::min(strips, g0 + group);
     auto row_block = [&](int64_t i, int64_t s) {
-      const float* strip = Bp + s * J * 16;
-      float* o = Out + s * 16;
+      const float* strip = Bp + s * bstrip;
+      float* o = Out + s * ostrip;
       const int64_t cols = std::min<int64_t>(16, n - s * 16);
       if (i + 6 <= M) {
         nn_tile_cols<6>(J, A + i * lda, lda, strip, o + i * ldo, ldo, rows_from(i), cols);
-      } else {
-        for (int64_t r = i; r < M; ++r)
+      } else {  // the last 1-5 rows: blocks of 4, 2, 1 rather than row by row
+        int64_t r = i;
+        if (M - r >= 4) {
+          nn_tile_cols<4>(J, A + r * lda, lda, strip, o + r * ldo, ldo, rows_from(r), cols);
+          r += 4;
+        }
+        if (M - r >= 2) {
+          nn_tile_cols<2>(J, A + r * lda, lda, strip, o + r * ldo, ldo, rows_from(r), cols);
+          r += 2;
+        }
+        if (r < M)
           nn_tile_cols<1>(J, A + r * lda, lda, strip, o + r * ldo, ldo, rows_from(r), cols);
       }
     };
@@ -286,7 +308,8 @@ OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int
   if (ep.stream) _mm_sfence();
 }
 
-OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t ldx, float* Xp) {
+OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t ldx, float* Xp,
+                                   int64_t strip) {
   const int64_t full = n / 16;
   for (int64_t r = 0; r < R; ++r) {  // each row read in one sequential run
     // Rows lie far apart (a pixel stride), too far for the hardware prefetcher to follow.
@@ -295,12 +318,12 @@ OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t
         __builtin_prefetch(X + (r + kPackPrefetchRows) * ldx + c, 0, 3);
     for (int64_t s = 0; s < full; ++s) {
       const float* src = X + r * ldx + s * 16;
-      float* dst = Xp + (s * R + r) * 16;
+      float* dst = Xp + s * strip + r * 16;
       _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
       _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
     }
   }
-  if (full * 16 < n) pack_p16_tail(R, n, X, ldx, Xp);
+  if (full * 16 < n) pack_p16_tail(R, n, X, ldx, Xp, strip);
 }
 
 // Row-major B is packed a group of strips at a time into a thread-local P16 buffer: read in place,
@@ -316,8 +339,8 @@ OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float*
   for (int64_t s0 = 0; s0 < strips; s0 += group) {
     const int64_t s1 = std::min(strips, s0 + group);
     const int64_t cols = std::min(nb, s1 * 16) - s0 * 16;
-    pack_p16_avx2(J, cols, Bm + s0 * 16, ldb, packed.data());
-    nn_p16(M, J, cols, A, lda, packed.data(), Out + s0 * 16, ldo, ep);
+    pack_p16_avx2(J, cols, Bm + s0 * 16, ldb, packed.data(), J * 16);
+    nn_p16(M, J, cols, A, lda, packed.data(), J * 16, Out + s0 * 16, ldo, 16, ep);
   }
 }
 
@@ -425,7 +448,8 @@ OCR_AVX2 inline void gemm_nt_avx2(int64_t M, int64_t J, int64_t nb, const float*
     const int64_t s1 = std::min(strips, s0 + group);
     const int64_t cols = std::min(J, s1 * 16) - s0 * 16;
     pack_p16_transposed(nb, cols, Bm + s0 * 16 * ldb, ldb, packed.data());
-    nn_p16(M, nb, cols, A, lda, packed.data(), Out + s0 * 16, ldo, {nullptr, false, accumulate});
+    nn_p16(M, nb, cols, A, lda, packed.data(), nb * 16, Out + s0 * 16, ldo, 16,
+           {nullptr, false, accumulate});
   }
 }
 
@@ -443,15 +467,26 @@ inline void gemm_nt(int64_t M, int64_t J, int64_t nb, const T* A, int64_t lda, c
   gemm_nt_generic(M, J, nb, A, lda, Bm, ldb, Out, ldo, accumulate);
 }
 
-// Out (M x n, row-major) = ep(A (M x J) . B (J x n)), B given in P16 (Bp, J rows).
+// Out (M x n) = ep(A (M x J) . B (J x n)), B given in P16 (J rows, strip step bstrip), Out
+// addressed by (ldo, ostrip) as described with the P16 layout.
 template <typename T>
 inline void gemm_nn_p16(int64_t M, int64_t J, int64_t n, const T* A, int64_t lda, const T* Bp,
-                        T* Out, int64_t ldo, Epilogue<T> ep = {}) {
+                        int64_t bstrip, T* Out, int64_t ldo, int64_t ostrip, Epilogue<T> ep = {}) {
 #if OCR_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx2()) return nn_p16(M, J, n, A, lda, Bp, Out, ldo, ep);
+    if (cpu_has_avx2()) return nn_p16(M, J, n, A, lda, Bp, bstrip, Out, ldo, ostrip, ep);
 #endif
-  gemm_nn_p16_generic(M, J, n, A, lda, Bp, Out, ldo, ep);
+  gemm_nn_p16_generic(M, J, n, A, lda, Bp, bstrip, Out, ldo, ostrip, ep);
+}
+
+// X (R x n, row-major) into P16 with strip step `strip` (16 R for a panel of its own).
+template <typename T>
+inline void pack_p16(int64_t R, int64_t n, const T* X, int64_t ldx, T* Xp, int64_t strip) {
+#if OCR_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>)
+    if (cpu_has_avx2()) return pack_p16_avx2(R, n, X, ldx, Xp, strip);
+#endif
+  pack_p16_generic(R, n, X, ldx, Xp, strip);
 }
 
 #if OCR_HAVE_AVX2_PATH

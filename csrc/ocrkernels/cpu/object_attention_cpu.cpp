@@ -6,8 +6,10 @@
 //   A   = softmax over K of (keys Q2)      (K x nt), keys already scaled by D^-0.5
 //   Ctx = relu(values A)                   (C x nt), out_project folded onto the K values
 //   Out = relu([Wx Wctx] [X; Ctx] + b)     (C x nt), the concat conv as one GEMM over 2C
-// Every intermediate lives in per-thread tile buffers (X is copied under Ctx so that the last
-// GEMM reads one operand); only Out is written to memory, past the caches. Tiles are
+// Every intermediate lives in per-thread tile buffers, written by the GEMM that produces it in
+// the P16 panel layout the next GEMM reads (gemm_kernels.h), so nothing is packed twice: X is
+// packed once, into the top rows of a panel whose bottom rows receive Ctx, and the last GEMM
+// reads [X; Ctx] from it. Only Out is written to memory, past the caches. Tiles are
 // independent and handed to threads one at a time, so the result does not depend on the thread
 // count. BN-folded weights come from Python (ocrkernels/modules.py); bias and ReLU run in the
 // GEMM epilogues.
@@ -32,7 +34,8 @@ namespace {
 constexpr int64_t kTile = 64;
 
 // Softmax down each column of S (K x nt, row stride ld): the attention of every pixel. The
-// body is common/column_softmax.h, the one the CUDA kernel runs per pixel.
+// body is common/column_softmax.h, the one the CUDA kernel runs per pixel. S in P16 is one
+// call per strip (ld = 16).
 OCR_DISPATCH(void, column_softmax_f32, ::ocrkernels::column_softmax<float>,
              (float* S, int64_t K, int64_t nt, int64_t ld, float* colmax, float* colsum),
              (S, K, nt, ld, colmax, colsum))
@@ -72,12 +75,13 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
   T* out_p = out.data_ptr<T>();
   const int64_t tiles = (N + kTile - 1) / kTile;
 
+  // Panels (P16, kTile / 16 strips): q1, q2 (D rows), s (K rows), xctx (2C rows: X over Ctx).
   struct Scratch {
-    std::vector<T> q1, q2, s, xctx, col;  // xctx: the tile's X over its Ctx, (2C, kTile)
+    std::vector<T> q1, q2, s, xctx, col;
   };
   auto make_scratch = [&] {
     return Scratch{std::vector<T>(D * kTile), std::vector<T>(D * kTile), std::vector<T>(K * kTile),
-                   std::vector<T>(2 * C * kTile), std::vector<T>(2 * kTile)};
+                   std::vector<T>(2 * C * kTile), std::vector<T>(2 * 16)};
   };
   cpu::parallel_tasks(B * tiles, make_scratch, [&](int64_t task, Scratch& w) {
     const int64_t b = task / tiles, n0 = (task % tiles) * kTile;
@@ -85,16 +89,20 @@ at::Tensor forward_impl(const at::Tensor& feats, const at::Tensor& qw1_in,
     const T* xt = x_ptr + b * C * N + n0;  // (C, nt), row stride N
     T* ot = out_p + b * C * N + n0;
     T* xc = w.xctx.data();
-    T* ctx = xc + C * kTile;
-    for (int64_t c = 0; c < C; ++c) std::copy(xt + c * N, xt + c * N + nt, xc + c * kTile);
-    cpu::gemm_nn<T>(D, C, nt, qw1_p, C, xc, kTile, w.q1.data(), kTile, {qb1_p, true, false});
-    cpu::gemm_nn<T>(D, D, nt, qw2_p, D, w.q1.data(), kTile, w.q2.data(), kTile,
-                    {qb2_p, true, false});
-    cpu::gemm_nn<T>(K, D, nt, keys_p + b * K * D, D, w.q2.data(), kTile, w.s.data(), kTile);
-    column_softmax_tile<T>(w.s.data(), K, nt, kTile, w.col.data(), w.col.data() + kTile);
-    cpu::gemm_nn<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), kTile, ctx, kTile,
-                    {nullptr, true, false});
-    cpu::gemm_nn<T>(C, 2 * C, nt, wcat_p, 2 * C, xc, kTile, ot, N, {bout_p, true, false, true});
+    T* ctx = xc + C * 16;  // rows C .. 2C of every strip
+    const int64_t xs = 2 * C * 16, qs = D * 16, ss = K * 16;  // strip steps
+    cpu::pack_p16<T>(C, nt, xt, N, xc, xs);
+    cpu::gemm_nn_p16<T>(D, C, nt, qw1_p, C, xc, xs, w.q1.data(), 16, qs, {qb1_p, true, false});
+    cpu::gemm_nn_p16<T>(D, D, nt, qw2_p, D, w.q1.data(), qs, w.q2.data(), 16, qs,
+                        {qb2_p, true, false});
+    cpu::gemm_nn_p16<T>(K, D, nt, keys_p + b * K * D, D, w.q2.data(), qs, w.s.data(), 16, ss);
+    for (int64_t s0 = 0; s0 < nt; s0 += 16)
+      column_softmax_tile<T>(w.s.data() + (s0 / 16) * ss, K, std::min<int64_t>(16, nt - s0), 16,
+                             w.col.data(), w.col.data() + 16);
+    cpu::gemm_nn_p16<T>(C, K, nt, values_p + b * C * K, K, w.s.data(), ss, ctx, 16, xs,
+                        {nullptr, true, false});
+    cpu::gemm_nn_p16<T>(C, 2 * C, nt, wcat_p, 2 * C, xc, xs, ot, N, 16,
+                        {bout_p, true, false, true});
   });
   return out.to(feats.scalar_type()).view({B, C, H, W});
 }

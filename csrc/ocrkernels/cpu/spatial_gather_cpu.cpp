@@ -308,8 +308,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
       }
       // grad_F_tile (C x nb) = dR (C x K) . W (K x nb)
       // (streamed past the caches: grad_feats is written once and is C / K times D's size)
-      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, gf_ptr + b * C * N + n0, N,
-                              {nullptr, false, false, true});
+      cpu::gemm_nn_p16<acc_t>(C, K, nb, dr_ptr + b * C * K, K, Wt, 16 * K,
+                              gf_ptr + b * C * N + n0, N, 16, {nullptr, false, false, true});
     }
   });
 
