@@ -326,22 +326,35 @@ OCR_AVX2 inline void pack_p16_avx2(int64_t R, int64_t n, const float* X, int64_t
   if (full * 16 < n) pack_p16_tail(R, n, X, ldx, Xp, strip);
 }
 
-// Row-major B is packed a group of strips at a time into a thread-local P16 buffer: read in place,
-// a strip's J rows sit ldb floats apart, often a power-of-two stride that maps them onto a few
-// cache sets, while packing reads each row's group of columns in one sequential run.
-OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
-                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
-                                  const Epilogue<float>& ep) {
-  const int64_t strips = (nb + 15) / 16;
+// Out (M x n) = ep(A (M x J) . B), B packed a group of strips at a time into a thread-local P16
+// buffer by pack(c0, cols, buffer) (columns c0 .. c0 + cols of B, J rows), each group sized to
+// stay in L2 while the NN kernel runs over it.
+template <typename Pack>
+OCR_AVX2 inline void nn_packed_groups(int64_t M, int64_t J, int64_t n, const float* A,
+                                      int64_t lda, Pack pack, float* Out, int64_t ldo,
+                                      const Epilogue<float>& ep) {
+  const int64_t strips = (n + 15) / 16;
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (J * 16)));
   thread_local std::vector<float> packed;
   if (static_cast<int64_t>(packed.size()) < group * J * 16) packed.resize(group * J * 16);
   for (int64_t s0 = 0; s0 < strips; s0 += group) {
     const int64_t s1 = std::min(strips, s0 + group);
-    const int64_t cols = std::min(nb, s1 * 16) - s0 * 16;
-    pack_p16_avx2(J, cols, Bm + s0 * 16, ldb, packed.data(), J * 16);
+    const int64_t cols = std::min(n, s1 * 16) - s0 * 16;
+    pack(s0 * 16, cols, packed.data());
     nn_p16(M, J, cols, A, lda, packed.data(), J * 16, Out + s0 * 16, ldo, 16, ep);
   }
+}
+
+// Row-major B is packed rather than read in place: a strip's J rows sit ldb floats apart,
+// often a power-of-two stride that maps them onto a few cache sets, while packing reads each
+// row's group of columns in one sequential run.
+OCR_AVX2 inline void gemm_nn_avx2(int64_t M, int64_t J, int64_t nb, const float* A, int64_t lda,
+                                  const float* Bm, int64_t ldb, float* Out, int64_t ldo,
+                                  const Epilogue<float>& ep) {
+  auto pack = [&](int64_t c0, int64_t cols, float* buf) {
+    pack_p16_avx2(J, cols, Bm + c0, ldb, buf, J * 16);
+  };
+  nn_packed_groups(M, J, nb, A, lda, pack, Out, ldo, ep);
 }
 
 // Transposing pack: the P16 form of B = X^T for `cols` rows of X (X is cols x R, row-major):
@@ -440,17 +453,10 @@ OCR_AVX2 inline void gemm_nt_avx2(int64_t M, int64_t J, int64_t nb, const float*
     for (; i < M; ++i) nt_rows<1>(J, nb, A + i * lda, lda, Bm, ldb, Out + i * ldo, ldo, accumulate);
     return;
   }
-  const int64_t strips = (J + 15) / 16;
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(strips, kGroupFloats / (nb * 16)));
-  thread_local std::vector<float> packed;
-  if (static_cast<int64_t>(packed.size()) < group * nb * 16) packed.resize(group * nb * 16);
-  for (int64_t s0 = 0; s0 < strips; s0 += group) {
-    const int64_t s1 = std::min(strips, s0 + group);
-    const int64_t cols = std::min(J, s1 * 16) - s0 * 16;
-    pack_p16_transposed(nb, cols, Bm + s0 * 16 * ldb, ldb, packed.data());
-    nn_p16(M, nb, cols, A, lda, packed.data(), nb * 16, Out + s0 * 16, ldo, 16,
-           {nullptr, false, accumulate});
-  }
+  auto pack = [&](int64_t c0, int64_t cols, float* buf) {
+    pack_p16_transposed(nb, cols, Bm + c0 * ldb, ldb, buf);
+  };
+  nn_packed_groups(M, nb, J, A, lda, pack, Out, ldo, {nullptr, false, accumulate});
 }
 
 #endif  // OCR_HAVE_AVX2_PATH
