@@ -190,7 +190,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
   struct Scratch {
     std::vector<acc_t> E, alpha;  // tile weights (K x kTileN), per-class rescales
   };
-  auto make_scratch = [&] { return Scratch{std::vector<acc_t>(K * kTileN), std::vector<acc_t>(K)}; };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<acc_t>(K * kTileN), std::vector<acc_t>(K)};
+  };
   cpu::parallel_tasks(B * T, make_scratch, [&](int64_t task, Scratch& scratch) {
     acc_t* E = scratch.E.data();
     acc_t* alpha = scratch.alpha.data();
