@@ -13,13 +13,17 @@ from test_modules import randomise_batchnorm
 pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                 reason="ocrkernels._C is not built")
 
-# (B, C, D, K, H, W): Cityscapes / ADE20K channel sizes, odd sizes, K=1, B=3, N % 64 != 0
+# (B, C, D, K, H, W): Cityscapes / ADE20K channel sizes, odd sizes, K=1, B=3, N % 64 != 0, and
+# N a multiple of the 64-pixel tile, where the output is written with streaming stores (with a
+# 4 MiB output in the last, the size from which it is advised onto huge pages).
 SHAPES = [
     (1, 512, 256, 19, 9, 23),
     (1, 512, 256, 150, 7, 11),
     (3, 48, 16, 1, 7, 9),
     (2, 40, 24, 5, 1, 1),
     (2, 72, 20, 21, 13, 17),
+    (2, 64, 32, 19, 16, 16),
+    (1, 512, 256, 150, 32, 64),
 ]
 
 

@@ -26,6 +26,8 @@ SHAPES = [
     (1, 5, 7, 1, MAX_CHUNK + 1),      # chunks of 320 pixels and a ragged last one
     (1, 3, 4, 1, 8 * MAX_CHUNK + 1),  # full-size chunks of four tiles, then one pixel
     (1, 21, 512, 31, 37),
+    (2, 40, 64, 32, 32),              # class-major partials; N % 16 == 0: streamed grad_feats
+    (1, 3, 256, 64, 64),              # a 4 MiB grad_feats, advised onto huge pages
 ]
 
 
