@@ -7,8 +7,8 @@ import torch
 
 import ocrkernels
 from ocrkernels import reference
-from conftest import (forward_backward, make_inputs, ref64, rel_err,
-                      saved_bytes_beyond_inputs)
+from conftest import (assert_compile_matches_eager, forward_backward, make_inputs, ref64,
+                      rel_err, saved_bytes_beyond_inputs)
 
 pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                 reason="ocrkernels._C is not built")
@@ -155,25 +155,8 @@ def test_lse_is_the_only_saved_state():
                                      probs, feats) == B * K * 2 * 4
 
 
-class _GatherModule(torch.nn.Module):
-    def forward(self, probs, feats):
-        return ocrkernels.spatial_gather(probs, feats, 1.0, backend="cpu").sum(dim=2)
-
-
 def test_torch_compile_fullgraph():
-    mod = _GatherModule()
-    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
-    probs, feats, _ = make_inputs(2, 19, 12, 9, 14)
-    p1, f1 = probs.clone().requires_grad_(True), feats.clone().requires_grad_(True)
-    p2, f2 = probs.clone().requires_grad_(True), feats.clone().requires_grad_(True)
-    out_c = compiled(p1, f1)
-    out_e = mod(p2, f2)
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
-    g = torch.randn_like(out_e)
-    gc = torch.autograd.grad(out_c, (p1, f1), g)
-    ge = torch.autograd.grad(out_e, (p2, f2), g)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_compile_matches_eager("cpu", *make_inputs(2, 19, 12, 9, 14)[:2])
 
 
 def test_deterministic_bits_and_thread_count_independent():
