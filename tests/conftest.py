@@ -47,22 +47,28 @@ def forward_backward(fn, probs, feats, grad, scale=1.0):
     return out, gp, gf
 
 
-def saved_bytes_beyond_inputs(fn, probs, feats):
-    """Bytes autograd keeps for backward when fn(probs, feats) runs, counting each storage once
-    and leaving out the inputs' own storages."""
-    p, f = probs.requires_grad_(True), feats.requires_grad_(True)
-    inputs = {p.untyped_storage().data_ptr(), f.untyped_storage().data_ptr()}
-    extra = {}
+def saved_bytes(run, exclude=()):
+    """Bytes autograd keeps for backward while run() runs, counting each storage once and
+    leaving out the storages of the tensors in `exclude`."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            extra[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(p, f)
-    return sum(extra.values())
+        run()
+    return sum(seen.values())
+
+
+def saved_bytes_beyond_inputs(fn, probs, feats):
+    """Bytes autograd keeps for backward when fn(probs, feats) runs, beyond the inputs' own
+    storages."""
+    p, f = probs.requires_grad_(True), feats.requires_grad_(True)
+    return saved_bytes(lambda: fn(p, f), exclude=(p, f))
 
 
 def assert_compile_matches_eager(backend, probs, feats):

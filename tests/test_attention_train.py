@@ -10,7 +10,7 @@ import torch
 import ocrkernels
 from ocrkernels import attention_train
 from ocrkernels.attention_train import object_attention_train
-from conftest import rel_err
+from conftest import rel_err, saved_bytes
 from test_modules import randomise_batchnorm
 
 needs_ext = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
@@ -180,18 +180,8 @@ def test_cpp_and_torch_op_paths_agree(monkeypatch):
 
 def saved_activation_bytes(block, feats, regions) -> int:
     """Bytes of the tensors autograd keeps for backward, each storage once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(feats.requires_grad_(), regions.requires_grad_())
-    return sum(seen.values())
+    return saved_bytes(lambda: block(feats.requires_grad_(), regions.requires_grad_()),
+                       exclude=block.parameters())
 
 
 @pytest.mark.parametrize("recompute,fraction", [(True, 1 / 8), (False, 1 / 2)],
