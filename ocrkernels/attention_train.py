@@ -15,12 +15,16 @@ are taken (and all-reduced for SyncBatchNorm) before the next stage applies BN +
 forms the exact BatchNorm gradients, with the per-channel gradient sums all-reduced for
 SyncBatchNorm as ``torch.nn.SyncBatchNorm`` does.
 
-What is kept for backward (the reference keeps about 3.9k floats per pixel besides x, for
+What is kept for backward (the reference keeps about 4.4k floats per pixel besides x, for
 C=512, D=256, K=19):
 - default: z1, z2, A, z3, z4 (2D + K + 2C, about 1.6k floats per pixel); the post-activations
   are recomputed from them in one cheap pass each;
-- ``recompute=True``: only x, the K-column keys/values and the per-channel statistics; backward
-  recomputes z1..z4 (bit-identical to the forward), one more forward of FLOPs.
+- ``recompute=True``: z4 only (C floats per pixel, under 1/8 of the reference), besides x, the
+  K-column keys/values and the per-channel statistics. Backward recomputes z1, z2, A and z3
+  (bit-identical to the forward). Those stages are the cheap ones: z4 = Wc c + Wx x is 70% of
+  the forward's multiply-adds (2C^2 of DC + D^2 + KD + CK + 2C^2 per pixel), so keeping z4 and
+  recomputing the rest costs about 10% more FLOPs than keeping everything, where recomputing
+  the whole chain would cost a third more.
 """
 
 from __future__ import annotations
@@ -45,23 +49,36 @@ def _fused_bn(z: Tensor) -> bool:
     return z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64) and _HAS_CPU_OPS
 
 
-def _bn_relu(z: Tensor, mean: Tensor, scale: Tensor, beta: Tensor) -> Tensor:
-    """relu((z - mean) * scale + beta). The forward and the recompute call this same code, so
-    the ReLU masks of backward are bit-identical to the forward's."""
+def _bn_relu(z: Tensor, mean: Tensor, scale: Tensor, beta: Tensor,
+             inplace: bool = False) -> Tensor:
+    """relu((z - mean) * scale + beta), over z itself with ``inplace``. The forward and the
+    recompute call this same arithmetic, so the ReLU masks of backward are bit-identical to the
+    forward's."""
     if _fused_bn(z):
+        if inplace:
+            torch.ops.ocrkernels.bn_relu_inplace(z, mean, scale, beta)
+            return z
         return torch.ops.ocrkernels.bn_relu(z, mean, scale, beta)
+    if inplace:
+        return z.sub_(_col(mean)).mul_(_col(scale)).add_(_col(beta)).relu_()
     return ((z - _col(mean)) * _col(scale) + _col(beta)).relu_()
 
 
 def _bn_relu_backward(dh: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
-                      beta: Tensor, count: int, group) -> tuple[Tensor, Tensor, Tensor]:
-    """(dz, dgamma, dbeta) of relu(bn(z)) under batch statistics (mean, invstd)."""
+                      beta: Tensor, count: int, group,
+                      inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dz, dgamma, dbeta) of relu(bn(z)) under batch statistics (mean, invstd); with
+    ``inplace``, dz may be written over dh (a map the caller owns)."""
     scale = gamma * invstd
     if _fused_bn(z):
-        sums = torch.ops.ocrkernels.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
+        ops = torch.ops.ocrkernels
+        sums = ops.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
         dgamma, dbeta = reduce_grad_sums(sums, group)
-        dz = torch.ops.ocrkernels.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums,
-                                                         float(count))
+        if inplace and dh.is_contiguous():
+            ops.bn_relu_backward_apply_inplace(dh, z, mean, invstd, scale, beta, sums,
+                                               float(count))
+            return dh, dgamma, dbeta
+        dz = ops.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums, float(count))
         return dz, dgamma, dbeta
     g = dh.masked_fill(_bn_relu(z, mean, scale, beta) <= 0, 0)
     xhat = (z - _col(mean)) * _col(invstd)
@@ -74,12 +91,18 @@ def _fast_nn(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_CPU_OPS
 
 
-def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None) -> Tensor:
-    """w @ x[b] (+ w2 @ x2[b]) for every b: a 1x1 conv over (B, J, N) maps -> (B, M, N)."""
+def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None,
+        out: Tensor | None = None) -> Tensor:
+    """w @ x[b] (+ w2 @ x2[b]) for every b: a 1x1 conv over (B, J, N) maps -> (B, M, N),
+    written into ``out`` when given (a contiguous map the caller no longer needs)."""
     if _fast_nn(x):
-        return torch.ops.ocrkernels.pixel_matmul(w, x, w2, x2)
+        if out is None:
+            return torch.ops.ocrkernels.pixel_matmul(w, x, w2, x2)
+        torch.ops.ocrkernels.pixel_matmul_into(w, x, w2, x2, out)
+        return out
     # Per image, so that BLAS reads the maps in place (matmul would fold B*N and copy).
-    out = x.new_empty((x.shape[0], w.shape[0], x.shape[2]))
+    if out is None:
+        out = x.new_empty((x.shape[0], w.shape[0], x.shape[2]))
     for b in range(x.shape[0]):
         torch.mm(w, x[b], out=out[b])
         if w2 is not None:
@@ -87,9 +110,11 @@ def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None
     return out
 
 
-def _bnn(w: Tensor, x: Tensor) -> Tensor:
-    """w[b] @ x[b]: per-image (K-column) weights, (B, M, J) x (B, J, N) -> (B, M, N)."""
-    out = x.new_empty((x.shape[0], w.shape[1], x.shape[2]))
+def _bnn(w: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """w[b] @ x[b]: per-image (K-column) weights, (B, M, J) x (B, J, N) -> (B, M, N), written
+    into ``out`` when given."""
+    if out is None:
+        out = x.new_empty((x.shape[0], w.shape[1], x.shape[2]))
     for b in range(x.shape[0]):
         torch.mm(w[b], x[b], out=out[b])
     return out
@@ -97,6 +122,8 @@ def _bnn(w: Tensor, x: Tensor) -> Tensor:
 
 def _nt(a: Tensor, y: Tensor) -> Tensor:
     """sum_b a[b] @ y[b]^T: a weight gradient summed over the batch, (M, J)."""
+    if _fast_nn(a):
+        return torch.ops.ocrkernels.pixel_matmul_nt(a, y)
     out = torch.mm(a[0], y[0].t())
     for b in range(1, a.shape[0]):
         out.addmm_(a[b], y[b].t())
@@ -146,27 +173,28 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         f = _Forward(x, w1, w2, keys, values, wc, wx)
         means, invstds, running, counts = [], [], [], []
 
-        def normalise(z: Tensor, i: int) -> Tensor:
+        def normalise(z: Tensor, i: int, inplace: bool = False) -> Tensor:
             stats = batch_stats(z, groups[i])
             invstd = torch.rsqrt(stats.var + eps[i])
             means.append(stats.mean)
             invstds.append(invstd)
             counts.append(stats.count)
             running.extend([stats.mean, stats.unbiased_var()])
-            return _bn_relu(z, stats.mean, gammas[i] * invstd, betas[i])
+            return _bn_relu(z, stats.mean, gammas[i] * invstd, betas[i], inplace)
 
-        # With recompute, each z is freed once normalised; otherwise the pre-activations and
-        # the attention are kept (the post-activations are one cheap pass away from them).
+        # With recompute, z1..z3 are not kept, so each post-activation overwrites its
+        # pre-activation; otherwise the pre-activations and the attention are kept (the
+        # post-activations are one cheap pass away from them).
         z1 = f.stage1()
-        h1 = normalise(z1, 0)
+        h1 = normalise(z1, 0, recompute)
         z2 = f.stage2(h1)
-        h2 = normalise(z2, 1)
+        h2 = normalise(z2, 1, recompute)
         del h1
         attn, z3 = f.stage3(h2)
         del h2
-        z4 = f.stage4(normalise(z3, 2))
+        z4 = f.stage4(normalise(z3, 2, recompute))
         out = normalise(z4, 3)
-        kept = () if recompute else (z1, z2, attn, z3, z4)
+        kept = (z4,) if recompute else (z1, z2, attn, z3, z4)
         del z1, z2, attn, z3, z4
 
         ctx.save_for_backward(x, w1, w2, keys, values, wc, wx, *gammas, *betas, *means,
@@ -191,18 +219,18 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         def act(z: Tensor, i: int) -> Tensor:
             return _bn_relu(z, means[i], gammas[i] * invstds[i], betas[i])
 
-        def bn_backward(dh: Tensor, z: Tensor, i: int):
+        def bn_backward(dh: Tensor, z: Tensor, i: int, inplace: bool = True):
             return _bn_relu_backward(dh, z, means[i], invstds[i], gammas[i], betas[i],
-                                     ctx.counts[i], ctx.groups[i])
+                                     ctx.counts[i], ctx.groups[i], inplace)
 
-        if ctx.recompute:  # the chain again, with the forward's statistics
+        if ctx.recompute:  # the chain up to z3 again, with the forward's statistics
+            (z4,) = kept
             z1 = f.stage1()
             h1 = act(z1, 0)
             z2 = f.stage2(h1)
             h2 = act(z2, 1)
             attn, z3 = f.stage3(h2)
             c = act(z3, 2)
-            z4 = f.stage4(c)
         else:
             z1, z2, attn, z3, z4 = kept
             h1, h2, c = act(z1, 0), act(z2, 1), act(z3, 2)
@@ -213,29 +241,34 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         def wgrad(i: int, a: Tensor, b: Tensor) -> Tensor | None:
             return _nt(a, b) if ctx.needs_input_grad[i] else None
 
-        dz4, dg4, db4 = bn_backward(dout.contiguous(), z4, 3)
+        # Every map below except dout, the kept tensors and x is this backward's own: a
+        # gradient overwrites the map it is computed from, or one that is no longer needed, so
+        # that few fresh maps are allocated (their first-touch page faults cost more than the
+        # passes that fill them).
+        dz4, dg4, db4 = bn_backward(dout.contiguous(), z4, 3, inplace=False)
         del z4
         dwc, dwx = wgrad(11, dz4, c), wgrad(12, dz4, x)
-        dc = _nn(wc.t().contiguous(), dz4)
+        dc = _nn(wc.t().contiguous(), dz4, out=c)
+        del c
         # dz4 stays until dz1 exists: x's gradient is then one fused pass over both products
         # (wx^T dz4 + w1^T dz1) instead of a second full-size map and an addition.
         dz3, dg3, db3 = bn_backward(dc, z3, 2)
-        del dc, z3, c
+        del dc, z3
         dvalues = _bnt(dz3, attn)  # B, C, K
         dattn = _bnn(values.transpose(1, 2), dz3)  # B, K, N
         del dz3
         dsim = dattn.sub_((attn * dattn).sum(1, keepdim=True)).mul_(attn)
         del dattn, attn
         dkeys = _bnt(dsim, h2)  # B, K, D
-        dh2 = _bnn(keys.transpose(1, 2), dsim)
-        del dsim
+        dh2 = _bnn(keys.transpose(1, 2), dsim, out=h2)
+        del dsim, h2
         dz2, dg2, db2 = bn_backward(dh2, z2, 1)
-        del dh2, z2, h2
+        del dh2, z2
         dw2 = wgrad(4, dz2, h1)
-        dh1 = _nn(w2.t().contiguous(), dz2)
-        del dz2
+        dh1 = _nn(w2.t().contiguous(), dz2, out=h1)
+        del dz2, h1
         dz1, dg1, db1 = bn_backward(dh1, z1, 0)
-        del dh1, z1, h1
+        del dh1, z1
         dw1 = wgrad(1, dz1, x)
         dx = _nn(wx.t().contiguous(), dz4, w1.t().contiguous(), dz1)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dkeys, dvalues, dg3, db3, dwc, dwx, dg4, db4,
@@ -258,8 +291,8 @@ def object_attention_train(x: Tensor, w1: Tensor, g1: Tensor, b1: Tensor, w2: Te
             applied to the value vectors (before its BatchNorm).
         wc, wx: (C, C) halves of the bottleneck conv weight (context part, feature part).
         eps: the four BatchNorms' eps. groups: process group per BatchNorm, None for local.
-        recompute: keep only x (and per-channel statistics) for backward and recompute the
-            chain there (about 1/9 of the reference's saved activations, one more forward of
+        recompute: keep only z4 (and per-channel statistics) for backward and recompute
+            z1..z3 there (under 1/8 of the reference's saved activations, about 10% more
             FLOPs); otherwise keep the pre-activations z1..z4 and the attention (about 2/5 of
             the reference's, no extra FLOPs).
 

@@ -242,6 +242,24 @@ def _register_fakes() -> None:
                      lambda: "pixel_matmul: weight must be (M, J) and x (B, J, N)")
         return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
 
+    @torch.library.register_fake("ocrkernels::pixel_matmul_into")
+    def _(weight, x, weight2, x2, out):
+        return None
+
+    @torch.library.register_fake("ocrkernels::pixel_matmul_nt")
+    def _(a, y):
+        torch._check(a.dim() == 3 and y.dim() == 3,
+                     lambda: "pixel_matmul_nt: a must be (B, M, N) and y (B, J, N)")
+        return a.new_empty((a.shape[1], y.shape[1]))
+
+    @torch.library.register_fake("ocrkernels::bn_relu_inplace")
+    def _(z, mean, scale, beta):
+        return None
+
+    @torch.library.register_fake("ocrkernels::bn_relu_backward_apply_inplace")
+    def _(dh, z, mean, invstd, scale, beta, sums, count):
+        return None
+
     @torch.library.register_fake("ocrkernels::bn_relu")
     def _(z, mean, scale, beta):
         return torch.empty_like(z, memory_format=torch.contiguous_format)

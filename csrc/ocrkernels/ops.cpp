@@ -30,6 +30,14 @@ TORCH_LIBRARY(ocrkernels, m) {
   // when given), weight (M, J), x (B, J, N) -> (B, M, N).
   m.def(
       "pixel_matmul(Tensor weight, Tensor x, Tensor? weight2=None, Tensor? x2=None) -> Tensor");
+  // The same written into out, a contiguous (B, M, N) map apart from the inputs (a buffer the
+  // caller no longer needs: fresh large maps cost page faults).
+  m.def(
+      "pixel_matmul_into(Tensor weight, Tensor x, Tensor? weight2, Tensor? x2, Tensor(a!) out) "
+      "-> ()");
+  // Weight gradients: out = sum_b a[b] . y[b]^T, a (B, M, N), y (B, J, N) -> (M, J); the sum
+  // over b and n in a fixed order.
+  m.def("pixel_matmul_nt(Tensor a, Tensor y) -> Tensor");
   // Training-mode BatchNorm + ReLU over (B, ch, N) maps, float32 or float64, per channel
   // vectors of length ch. The forward and the recompute in backward both call bn_relu, so the
   // ReLU masks agree bit for bit:
@@ -47,4 +55,9 @@ TORCH_LIBRARY(ocrkernels, m) {
   m.def(
       "bn_relu_backward_apply(Tensor dh, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
       "Tensor beta, Tensor sums, float count) -> Tensor");
+  // In-place twins for maps the caller owns (contiguous): h over z, dz over dh.
+  m.def("bn_relu_inplace(Tensor(a!) z, Tensor mean, Tensor scale, Tensor beta) -> ()");
+  m.def(
+      "bn_relu_backward_apply_inplace(Tensor(a!) dh, Tensor z, Tensor mean, Tensor invstd, "
+      "Tensor scale, Tensor beta, Tensor sums, float count) -> ()");
 }

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <utility>
 
 namespace ocrkernels {
@@ -130,14 +132,34 @@ inline void check_bn_backward(const char* op, const at::Tensor& dh, const at::Te
 }
 
 // bn_relu_backward_apply: the backward's tensors, the (2, C) gradient sums and the count.
-inline void check_bn_backward_apply(const at::Tensor& dh, const at::Tensor& z,
+inline void check_bn_backward_apply(const char* op, const at::Tensor& dh, const at::Tensor& z,
                                     const at::Tensor& mean, const at::Tensor& invstd,
                                     const at::Tensor& scale, const at::Tensor& beta,
                                     const at::Tensor& sums, double count) {
-  const char* op = "bn_relu_backward_apply";
   check_bn_backward(op, dh, z, mean, invstd, scale, beta);
   check_bn_like(op, sums, "sums", {2, z.size(1)}, z);
   TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+}
+
+// The output of an in-place / into op: contiguous (the kernels write it as one flat run) and
+// sharing no memory with the tensors read while it is written.
+inline void check_writable_map(const char* op, const at::Tensor& out, const char* name,
+                               std::initializer_list<const at::Tensor*> reads) {
+  TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
+              out.strides());
+  const auto begin = [](const at::Tensor& t) {
+    return reinterpret_cast<std::uintptr_t>(t.const_data_ptr());
+  };
+  const auto end = [&](const at::Tensor& t) {  // one past the last element, for any strides >= 0
+    int64_t last = 0;
+    for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+    return begin(t) + static_cast<std::uintptr_t>((last + 1) * t.element_size());
+  };
+  for (const at::Tensor* r : reads) {
+    if (r == nullptr || !r->defined() || r->numel() == 0 || out.numel() == 0) continue;
+    TORCH_CHECK(end(out) <= begin(*r) || end(*r) <= begin(out), op, ": ", name,
+                " must not overlap the tensors it is computed from");
+  }
 }
 
 // pixel_matmul
@@ -175,6 +197,35 @@ inline void check_pixel_matmul_args(const at::Tensor& weight, const at::Tensor& 
                 "pixel_matmul: x2 must have shape (B=", x.size(0), ", J2, N=", x.size(2),
                 "), got ", x2->sizes());
   }
+}
+
+// pixel_matmul_into: out must be a contiguous (B, M, N) map of x's dtype, apart from the inputs.
+inline void check_pixel_matmul_into_args(const at::Tensor& weight, const at::Tensor& x,
+                                         const c10::optional<at::Tensor>& weight2,
+                                         const c10::optional<at::Tensor>& x2,
+                                         const at::Tensor& out) {
+  check_pixel_matmul_args(weight, x, weight2, x2);
+  const char* op = "pixel_matmul_into";
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == weight.size(0) &&
+                  out.size(2) == x.size(2),
+              op, ": out must have shape (B=", x.size(0), ", M=", weight.size(0), ", N=",
+              x.size(2), "), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ",
+              x.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ",
+              out.device());
+  check_writable_map(op, out, "out",
+                     {&weight, &x, weight2 ? &*weight2 : nullptr, x2 ? &*x2 : nullptr});
+}
+
+// pixel_matmul_nt: a (B, M, N) and y (B, J, N) of one floating dtype and device.
+inline void check_pixel_matmul_nt_args(const at::Tensor& a, const at::Tensor& y) {
+  const char* op = "pixel_matmul_nt";
+  TORCH_CHECK(a.dim() == 3, op, ": a must have shape (B, M, N), got ", a.sizes());
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == a.size(0) && y.size(2) == a.size(2), op,
+              ": y must have shape (B=", a.size(0), ", J, N=", a.size(2), "), got ", y.sizes());
+  check_pixel_matmul_dtype(op, "a", a, a);
+  check_pixel_matmul_dtype(op, "y", y, a);
 }
 
 }  // namespace ocrkernels

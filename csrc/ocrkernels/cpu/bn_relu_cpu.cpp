@@ -145,17 +145,12 @@ void rows(const BnDims& d, Body body) {
                       [&](int64_t row, int) { body(row / d.ch, row % d.ch); });
 }
 
-at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
-                       const at::Tensor& scale_in, const at::Tensor& beta_in) {
-  const char* op = "bn_relu";
-  const BnDims d = check_bn_map(op, z_in, "z");
-  check_bn_like(op, mean_in, "mean", {d.ch}, z_in);
-  check_bn_like(op, scale_in, "scale", {d.ch}, z_in);
-  check_bn_like(op, beta_in, "beta", {d.ch}, z_in);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const at::Tensor z = z_in.contiguous(), mean = mean_in.contiguous(),
-                   scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor h = cpu::empty_large(z.sizes(), z.options());
+// h = relu(bn(z)) for contiguous z and h of the same shape; h may be z itself (each element
+// is read before it is written, and by the same thread).
+void bn_relu_fill(const BnDims& d, const at::Tensor& z, const at::Tensor& mean_in,
+                  const at::Tensor& scale_in, const at::Tensor& beta_in, at::Tensor& h) {
+  const at::Tensor mean = mean_in.contiguous(), scale = scale_in.contiguous(),
+                   beta = beta_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu", [&] {
     const scalar_t *zp = z.const_data_ptr<scalar_t>(), *mp = mean.const_data_ptr<scalar_t>();
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
@@ -165,7 +160,33 @@ at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean_in,
       bn_relu_row<scalar_t>(zp + off, mp[c], sp[c], bp[c], hp + off, d.N);
     });
   });
+}
+
+BnDims check_bn_relu_args(const char* op, const at::Tensor& z, const at::Tensor& mean,
+                          const at::Tensor& scale, const at::Tensor& beta) {
+  const BnDims d = check_bn_map(op, z, "z");
+  check_bn_like(op, mean, "mean", {d.ch}, z);
+  check_bn_like(op, scale, "scale", {d.ch}, z);
+  check_bn_like(op, beta, "beta", {d.ch}, z);
+  return d;
+}
+
+at::Tensor bn_relu_cpu(const at::Tensor& z_in, const at::Tensor& mean, const at::Tensor& scale,
+                       const at::Tensor& beta) {
+  const BnDims d = check_bn_relu_args("bn_relu", z_in, mean, scale, beta);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor h = cpu::empty_large(z.sizes(), z.options());
+  bn_relu_fill(d, z, mean, scale, beta, h);
   return h;
+}
+
+void bn_relu_inplace_cpu(at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                         const at::Tensor& beta) {
+  const BnDims d = check_bn_relu_args("bn_relu_inplace", z, mean, scale, beta);
+  check_writable_map("bn_relu_inplace", z, "z", {&mean, &scale, &beta});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  bn_relu_fill(d, z, mean, scale, beta, z);
 }
 
 at::Tensor bn_relu_backward_reduce_cpu(const at::Tensor& dh_in, const at::Tensor& z_in,
@@ -197,32 +218,52 @@ at::Tensor bn_relu_backward_reduce_cpu(const at::Tensor& dh_in, const at::Tensor
   return sums;
 }
 
-at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh_in, const at::Tensor& z_in,
-                                      const at::Tensor& mean_in, const at::Tensor& invstd_in,
-                                      const at::Tensor& scale_in, const at::Tensor& beta_in,
-                                      const at::Tensor& sums_in, double count) {
-  check_bn_backward_apply(dh_in, z_in, mean_in, invstd_in, scale_in, beta_in, sums_in, count);
-  at::AutoDispatchBelowADInplaceOrView guard;
+// dz of relu(bn(z)) into `out` (contiguous, the shape of z; it may be dh itself).
+void bn_relu_backward_apply_fill(const at::Tensor& dh_in, const at::Tensor& z_in,
+                                 const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                 const at::Tensor& scale_in, const at::Tensor& beta_in,
+                                 const at::Tensor& sums_in, double count, at::Tensor& out) {
   const BnDims d{z_in.size(0), z_in.size(1), z_in.size(2)};
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous(), sums = sums_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor dz = cpu::empty_large(z.sizes(), z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu_backward_apply", [&] {
     const scalar_t *dhp = dh.const_data_ptr<scalar_t>(), *zp = z.const_data_ptr<scalar_t>();
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();
     const scalar_t *sp = scale.const_data_ptr<scalar_t>(), *bp = beta.const_data_ptr<scalar_t>();
     const scalar_t* su = sums.const_data_ptr<scalar_t>();
-    scalar_t* out = dz.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
     rows(d, [&](int64_t b, int64_t c) {
       const int64_t off = (b * d.ch + c) * d.N;
       const scalar_t mean_g = static_cast<scalar_t>(su[c] / count);
       const scalar_t mean_gx = static_cast<scalar_t>(su[d.ch + c] / count);
       grad_apply_row<scalar_t>(dhp + off, zp + off, mp[c], ip[c], sp[c], bp[c], mean_g, mean_gx,
-                               out + off, d.N);
+                               op + off, d.N);
     });
   });
+}
+
+at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& dh, const at::Tensor& z,
+                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                      const at::Tensor& scale, const at::Tensor& beta,
+                                      const at::Tensor& sums, double count) {
+  check_bn_backward_apply("bn_relu_backward_apply", dh, z, mean, invstd, scale, beta, sums,
+                          count);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::Tensor dz = cpu::empty_large(z.sizes(), z.options());
+  bn_relu_backward_apply_fill(dh, z, mean, invstd, scale, beta, sums, count, dz);
   return dz;
+}
+
+void bn_relu_backward_apply_inplace_cpu(at::Tensor& dh, const at::Tensor& z,
+                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                        const at::Tensor& scale, const at::Tensor& beta,
+                                        const at::Tensor& sums, double count) {
+  const char* op = "bn_relu_backward_apply_inplace";
+  check_bn_backward_apply(op, dh, z, mean, invstd, scale, beta, sums, count);
+  check_writable_map(op, dh, "dh", {&z, &mean, &invstd, &scale, &beta, &sums});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  bn_relu_backward_apply_fill(dh, z, mean, invstd, scale, beta, sums, count, dh);
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_var_mean_cpu(const at::Tensor& z_in) {
@@ -261,6 +302,8 @@ TORCH_LIBRARY_IMPL(ocrkernels, CPU, m) {
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
   m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cpu);
+  m.impl("bn_relu_inplace", &bn_relu_inplace_cpu);
+  m.impl("bn_relu_backward_apply_inplace", &bn_relu_backward_apply_inplace_cpu);
 }
 
 }  // namespace ocrkernels

@@ -186,7 +186,8 @@ at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& dh_in, const at::Tensor
                                        const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                        const at::Tensor& scale_in, const at::Tensor& beta_in,
                                        const at::Tensor& sums_in, double count) {
-  check_bn_backward_apply(dh_in, z_in, mean_in, invstd_in, scale_in, beta_in, sums_in, count);
+  check_bn_backward_apply("bn_relu_backward_apply", dh_in, z_in, mean_in, invstd_in, scale_in,
+                          beta_in, sums_in, count);
   const char* op = "bn_relu_backward_apply";
   check_cuda_tensor(op, "z", z_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
