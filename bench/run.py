@@ -19,10 +19,11 @@ every implementation (each backend of the op that ``OpSpec.backends(device)`` li
       (never ``.backward()``, so no ``.grad`` accumulation is timed).
 * ``speedup_vs_eager`` / ``speedup_vs_compiled``: median of the eager ``reference`` backend /
   median of the compiled reference, divided by this row's median (> 1 means faster).
-* ``saved_bytes``: bytes that the autograd graph keeps for the backward beyond the inputs,
-  counted with ``torch.autograd.graph.saved_tensors_hooks`` during one forward on inputs that
-  require grad: each saved tensor's storage is counted once, storages of the inputs are not
-  counted. It is a property of the forward graph, so both modes report the same value.
+* ``saved_bytes``: bytes that the autograd graph keeps for the backward beyond the inputs and
+  the parameters (the activation memory a training step adds), counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` during one forward on inputs that require grad:
+  each saved tensor's storage is counted once, storages of the inputs and of the module's
+  parameters (``OpFns.params``) are not counted. It is a property of the forward graph, so both modes report the same value.
   ``None`` (``—`` in the table) for forward-only ops, which run without autograd.
 * ``gflops``: the op's useful FLOP count (see each op's ``*_flops`` function) / median time.
 * ``fraction_of_matmul``: ``gflops`` / the rate of a plain fp32 ``torch.mm`` of
@@ -327,10 +328,11 @@ def requires_grad_copies(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(t.detach().requires_grad_() for t in inputs)
 
 
-def forward_with_saved_bytes(fn: Callable[..., Tensor],
-                             leaves: tuple[Tensor, ...]) -> tuple[Tensor, int]:
-    """Run fn(*leaves) and count the bytes autograd saves for the backward beyond the inputs."""
-    input_storages = {t.untyped_storage().data_ptr() for t in leaves}
+def forward_with_saved_bytes(fn: Callable[..., Tensor], leaves: tuple[Tensor, ...],
+                             params: tuple[Tensor, ...] = ()) -> tuple[Tensor, int]:
+    """Run fn(*leaves) and count the bytes autograd saves for the backward beyond the inputs
+    and the parameters (tensors that exist whether or not autograd keeps them)."""
+    input_storages = {t.untyped_storage().data_ptr() for t in (*leaves, *params)}
     saved: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -353,7 +355,8 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 
 
 def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor | None,
-          expected: tuple[Tensor, ...]) -> tuple[int | None, float, float | None]:
+          expected: tuple[Tensor, ...],
+          params: tuple[Tensor, ...] = ()) -> tuple[int | None, float, float | None]:
     """One call: (saved_bytes, output rel. error, worst input-grad rel. error).
 
     With grad_out None (a forward-only op) the forward runs as it is timed, without autograd:
@@ -362,7 +365,7 @@ def probe(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tenso
     if grad_out is None:
         return None, relative_error(fn(*inputs), expected[0]), None
     leaves = requires_grad_copies(inputs)
-    out, saved_bytes = forward_with_saved_bytes(fn, leaves)
+    out, saved_bytes = forward_with_saved_bytes(fn, leaves, params)
     grads = torch.autograd.grad(out, leaves, grad_out)
     out_err = relative_error(out.detach(), expected[0])
     grad_err = max(relative_error(g, e) for g, e in zip(grads, expected[1:]))
@@ -489,7 +492,8 @@ def check_impls(op: OpSpec, shape_str: str, impls: list[Impl], fns: OpFns,
         log(f"[{op.name} {shape_str}] check"
             f"{' + saved bytes' if grad_out is not None else ''}: {impl.name}")
         try:
-            saved[impl.name], out_err, grad_err = probe(impl.fn, inputs, grad_out, expected)
+            saved[impl.name], out_err, grad_err = probe(impl.fn, inputs, grad_out, expected,
+                                                        impl.params)
         except Exception as exc:  # noqa: BLE001
             if not impl.may_fail:
                 raise
@@ -618,7 +622,7 @@ def header(args: argparse.Namespace, device: torch.device, started: datetime.dat
         f"- date: {started.isoformat(timespec='seconds')} (start of the run)",
         f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
         f"- timing: median of the timed interleaved rounds after the warm-up rounds "
-        f"({rounds}); saved MB = bytes saved for backward beyond the inputs / 1e6 "
+        f"({rounds}); saved MB = bytes saved for backward beyond the inputs and parameters / 1e6 "
         f"(— for forward-only ops, which run without autograd)",
         f"- fp32 matmul rate: {matmul_line}",
         *flops_notes,
