@@ -598,7 +598,9 @@ def device_description(device: torch.device) -> str:
                           if line.startswith("model name")), None)
     except OSError:
         pass
-    return f"{device} ({model or platform.processor() or 'unknown CPU'})"
+    isa = ocrkernels.ops.cpu_isa()
+    kernels = f"; C++ kernels: {isa}" if isa else ""
+    return f"{device} ({model or platform.processor() or 'unknown CPU'}{kernels})"
 
 
 def header(args: argparse.Namespace, device: torch.device, started: datetime.datetime,

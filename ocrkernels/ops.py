@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["spatial_gather", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = ["spatial_gather", "available_backends", "resolve_backend", "cpu_isa", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 BACKEND_ENV = "OCRKERNELS_BACKEND"
@@ -79,6 +79,17 @@ _CUDA_EXT_ERROR = _load_cuda_kernels()
 
 def extension_loaded() -> bool:
     return _EXT_ERROR is None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the C++ CPU kernels run with: ``"avx512"``, ``"avx2"`` or
+    ``"baseline"`` (the CPU's widest, capped by the environment variable
+    ``OCRKERNELS_CPU_ISA``, read once per process); None without ``ocrkernels._C``."""
+    if not extension_loaded() or os.environ.get(LIBRARY_ENV):
+        return None
+    from . import _C
+
+    return _C.cpu_isa()
 
 
 def _kernel_keys() -> frozenset[str]:

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -22,6 +24,7 @@
 #include <immintrin.h>
 #define OCR_HAVE_AVX2_PATH 1
 #define OCR_AVX2 __attribute__((target("avx2,fma")))
+#define OCR_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #else
 #define OCR_HAVE_AVX2_PATH 0
 #endif
@@ -29,14 +32,37 @@
 namespace ocrkernels {
 namespace cpu {
 
-inline bool cpu_has_avx2() {
+// The widest instruction set the kernels use: the CPU's, capped by the environment variable
+// OCRKERNELS_CPU_ISA (baseline, avx2 or avx512), read once per process. avx2 and avx512 give
+// the same bits: the AVX-512 path only widens the GEMM tiles, and every output element still
+// sums its products one fused multiply-add at a time, in the same order. baseline has no FMA
+// (the build keeps -ffp-contract=off), so it rounds differently.
+enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
+
+inline Isa cpu_isa() {
 #if OCR_HAVE_AVX2_PATH
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  static const Isa isa = [] {
+    Isa best = Isa::baseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = Isa::avx2;
+      if (__builtin_cpu_supports("avx512f")) best = Isa::avx512;
+    }
+    const char* cap = std::getenv("OCRKERNELS_CPU_ISA");
+    if (cap == nullptr || *cap == 0) return best;
+    const std::string want(cap);
+    const Isa limit = want == "baseline" ? Isa::baseline
+                      : want == "avx2"   ? Isa::avx2
+                                         : Isa::avx512;
+    return std::min(best, limit);
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::baseline;
 #endif
 }
+
+inline bool cpu_has_avx2() { return cpu_isa() >= Isa::avx2; }
+inline bool cpu_has_avx512() { return cpu_isa() >= Isa::avx512; }
 
 // Element-wise loops are written once as an always-inlined body and compiled twice, for
 // AVX2+FMA and for the baseline ISA, picked at run time (no -march at build time, so the
@@ -256,12 +282,118 @@ OCR_AVX2 inline void nn_tile_cols(int64_t J, const float* A, int64_t lda, const 
   else nn_tile16_cols<MT>(J, A, lda, strip, Out, ldo, ep, cols);
 }
 
+// AVX-512: MT rows by NS strips (16 columns each, one 512-bit register per row and strip), the
+// last strip's columns masked by `last`. MT = 12, NS = 2 keeps 24 accumulators, the two strips'
+// rows and the broadcast in the 32 registers. Per element the same FMA chain as nn_tile16.
+template <int MT, int NS>
+OCR_AVX512 inline void nn_tile512(int64_t J, const float* A, int64_t lda, const float* Bp,
+                                  int64_t bstrip, float* Out, int64_t ldo, int64_t ostrip,
+                                  const Epilogue<float>& ep, __mmask16 last, bool stream) {
+  __m512 acc[MT][NS];
+#pragma GCC unroll 12
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s)
+      acc[r][s] = ep.accumulate
+                      ? _mm512_maskz_loadu_ps(s == NS - 1 ? last : __mmask16(0xFFFF),
+                                              Out + s * ostrip + r * ldo)
+                      : _mm512_setzero_ps();
+  for (int64_t j = 0; j < J; ++j) {
+    __m512 b[NS];
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) b[s] = _mm512_loadu_ps(Bp + s * bstrip + j * 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < MT; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + j]);
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) acc[r][s] = _mm512_fmadd_ps(a, b[s], acc[r][s]);
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int r = 0; r < MT; ++r) {
+    const __m512 bias = ep.bias ? _mm512_set1_ps(ep.bias[r]) : zero;
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) {
+      __m512 v = ep.bias ? _mm512_add_ps(acc[r][s], bias) : acc[r][s];
+      // max(v, 0) as _mm256_max_ps computes it (NaN and -0 give +0), without the
+      // _mm512_max_ps wrapper's undefined operand that GCC 12 warns about
+      if (ep.relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), v);
+      float* o = Out + s * ostrip + r * ldo;
+      const __mmask16 m = s == NS - 1 ? last : __mmask16(0xFFFF);
+      if (stream && m == 0xFFFF) _mm512_stream_ps(o, v);
+      else _mm512_mask_storeu_ps(o, m, v);
+    }
+  }
+}
+
+// Rows [0, rows) of a block of NS strips: tiles of 12 rows, then 8, 4, 2, 1.
+template <int NS>
+OCR_AVX512 inline void nn_rows512(int64_t rows, int64_t J, const float* A, int64_t lda,
+                                  const float* Bp, int64_t bstrip, float* Out, int64_t ldo,
+                                  int64_t ostrip, const Epilogue<float>& ep, __mmask16 last,
+                                  bool stream) {
+  int64_t r = 0;
+  auto at = [&](int64_t i) {
+    Epilogue<float> epi = ep;
+    if (ep.bias) epi.bias = ep.bias + i;
+    return epi;
+  };
+#define OCR_TILE512(MT)                                                                  \
+  nn_tile512<MT, NS>(J, A + r * lda, lda, Bp, bstrip, Out + r * ldo, ldo, ostrip, at(r), \
+                     last, stream)
+  for (; r + 12 <= rows; r += 12) OCR_TILE512(12);
+  if (rows - r >= 8) { OCR_TILE512(8); r += 8; }
+  if (rows - r >= 4) { OCR_TILE512(4); r += 4; }
+  if (rows - r >= 2) { OCR_TILE512(2); r += 2; }
+  if (rows - r >= 1) OCR_TILE512(1);
+#undef OCR_TILE512
+}
+
+// nn_p16 (below) on AVX-512: the same groups of strips and loop orders, tiles of 12 rows by two
+// strips.
+OCR_AVX512 inline void nn_p16_avx512(int64_t M, int64_t J, int64_t n, const float* A,
+                                     int64_t lda, const float* Bp, int64_t bstrip, float* Out,
+                                     int64_t ldo, int64_t ostrip, const Epilogue<float>& ep) {
+  const auto a64 = [](std::uintptr_t v) { return v % 64 == 0; };
+  const bool stream = ep.stream && a64(reinterpret_cast<std::uintptr_t>(Out)) &&
+                      a64(ldo * sizeof(float)) && a64(ostrip * sizeof(float));
+  const int64_t strips = (n + 15) / 16;
+  const int64_t group = M > strips * 16 && strips * J * 16 <= kWholeFloats
+                            ? strips
+                            : std::max<int64_t>(1, kGroupFloats / (J * 16));
+  // Rows [i, i + rows) by strips [s, s + ns), ns = 1 or 2.
+  auto block = [&](int64_t i, int64_t rows, int64_t s, int64_t ns) {
+    const int64_t cols = std::min<int64_t>(16, n - (s + ns - 1) * 16);
+    const __mmask16 last = cols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    Epilogue<float> epi = ep;
+    if (ep.bias) epi.bias = ep.bias + i;
+    const float* b = Bp + s * bstrip;
+    float* o = Out + s * ostrip + i * ldo;
+    if (ns == 2) nn_rows512<2>(rows, J, A + i * lda, lda, b, bstrip, o, ldo, ostrip, epi, last,
+                               stream);
+    else nn_rows512<1>(rows, J, A + i * lda, lda, b, bstrip, o, ldo, ostrip, epi, last, stream);
+  };
+  for (int64_t g0 = 0; g0 < strips; g0 += group) {
+    const int64_t g1 = std::min(strips, g0 + group);
+    if (M > (g1 - g0) * 16) {  // A the larger operand: 12 rows of it stay in L1
+      for (int64_t i = 0; i < M; i += 12)
+        for (int64_t s = g0; s < g1; s += 2)
+          block(i, std::min<int64_t>(12, M - i), s, std::min<int64_t>(2, g1 - s));
+    } else {  // two strips stay in L1 while all of A passes
+      for (int64_t s = g0; s < g1; s += 2) block(0, M, s, std::min<int64_t>(2, g1 - s));
+    }
+  }
+  if (stream) _mm_sfence();
+}
+
 // Out (M x n, row-major) = ep(A . Bp), B in P16. Within a group of strips sized to stay in L2,
 // either each block of 6 rows of A stays in L1 while the group's strips pass (when A is the
 // larger operand: weights against a pixel tile), or each strip stays in L1 while all of A passes.
 OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int64_t lda,
                             const float* Bp, int64_t bstrip, float* Out, int64_t ldo,
                             int64_t ostrip, Epilogue<float> ep) {
+  if (cpu_has_avx512()) return nn_p16_avx512(M, J, n, A, lda, Bp, bstrip, Out, ldo, ostrip, ep);
   ep.stream = ep.stream && streamable(Out, ldo) && streamable(Out, ostrip);
   const int64_t strips = (n + 15) / 16;
   // When A is the larger operand and the packed one fits in L2, all strips form one group, so
