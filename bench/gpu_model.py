@@ -22,7 +22,10 @@ Implementations:
 * ``unfused-folded`` (attention eval only): the same with BatchNorm folded into the convs, the
   best a non-fusing framework does in eval;
 * ``fused``: the Triton kernels of ``ocrkernels.triton`` (spatial gather forward: split
-  partials + merge; backward: two kernels; attention eval: one kernel).
+  partials + merge; backward: two kernels; attention eval: one kernel; attention training:
+  five kernels forward, thirteen backward, keeping z1..z4 and the attention);
+* ``fused-recompute`` (attention training only): the same kernels keeping only the input and
+  the per-channel statistics, the backward running the four forward GEMMs again.
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ import sys
 from dataclasses import dataclass
 
 try:
-    from ocrkernels.triton import gather_chunk
+    from ocrkernels.triton import gather_chunk, wgrad_chunk
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from ocrkernels.triton import gather_chunk
+    from ocrkernels.triton import gather_chunk, wgrad_chunk
 
 __all__ = ["Device", "DEVICES", "SHAPES", "Cost", "gather_costs", "attention_eval_costs",
-           "model_rows", "markdown"]
+           "attention_train_costs", "model_rows", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ SHAPES = {
 }
 
 ACC = 4  # bytes of the fused kernels' float32 partials and statistics
+# pixel block of the training kernels' per-block statistics (the fp16 configs' BLOCK_N)
+STATS_BLOCK = 64
 
 
 @dataclass
@@ -132,6 +137,58 @@ def attention_eval_costs(B: int, C: int, D: int, K: int, N: int, elt: int) -> di
     }
 
 
+def attention_train_costs(B: int, C: int, D: int, K: int, N: int, elt: int,
+                          device: Device) -> dict:
+    """{(impl, "fwd" | "bwd"): Cost} of the training-mode object attention's per-pixel chain
+    (batch-statistics BatchNorm; the K-column projections are left out of every row)."""
+    P = B * N
+    weights = D * C + D * D + 2 * C * C  # the fused chain's pixel-path weights
+    # unfused forward, per pixel (the eval count, with each training BatchNorm reading its
+    # input twice, once for the statistics, once to normalise: 3 instead of 2 per element):
+    #   query CBRs C + 6D and 7D, similarities + scale + softmax D + 5K, context K + D,
+    #   out_project D + 6C, concat 4C, bottleneck 8C
+    unfused_fwd = elt * (P * (19 * C + 16 * D + 6 * K) + weights + D * C)
+    # unfused backward, per pixel: ReLU backward 3 (read grad and output, write grad),
+    # BatchNorm backward 5 (a reduction pass over grad and input, then grad and input read
+    # again and the input grad written), a 1x1 conv M <- J 2(M + J) (input grad and weight
+    # grad), matmuls alike, softmax 3K and scale 2K backward, the two feature grads added 3C:
+    #   bottleneck 14C, out_project 10C + 2D, context 2D + 2K, softmax + scale 5K,
+    #   similarities 2K + 2D, query CBRs 12D and 10D + 2C, sum 3C
+    unfused_bwd = elt * (P * (29 * C + 28 * D + 9 * K) + 2 * (weights + D * C))
+    # fused forward: z1 = W1 x (C + D), z2 = W2 bn_relu(z1) (2D), attention + context
+    # (D + K + C: A and z3 written), z4 = Wc bn_relu(z3) + Wx x (3C), out = bn_relu(z4) (2C);
+    # per-block (sum, centred sum of squares) float32 partials of z1..z4, written + read back
+    blocks = B * math.ceil(N / STATS_BLOCK)
+    stats = ACC * blocks * 2 * 2 * (2 * D + 2 * C)
+    fused_fwd = elt * (P * (7 * C + 4 * D + K) + weights + B * K * (D + C)) + stats
+    # fused backward, per pixel: bn4 sums (2C) and d z4 (3C); d Wc, d Wx (2C each); g3 = d c
+    # masked (3C); through the softmax (2C + 2K); d values (2C + K); d keys (K + D);
+    # g2 (K + 2D); g1 (4D); d W2 (3D); d W1 (2D + C); dx (2D + 2C)
+    # + per-split float32 partials of the six weight gradients, written and read back
+    wgrads = [(C, C, 1), (C, C, 1), (C, K, B), (K, D, B), (D, D, 1), (D, C, 1)]
+    wparts = 0
+    for m, j, images in wgrads:
+        tiles = images * math.ceil(m / 64) * math.ceil(j / 64)
+        splits = math.ceil(N / wgrad_chunk(tiles, N, device.sms))
+        wparts += ACC * 2 * splits * images * m * j if splits > 1 else 0
+    grads = elt * (weights + B * K * (D + C))  # weights read, their gradients written
+    fused_bwd = (elt * (P * (19 * C + 14 * D + 5 * K) + weights + B * K * (D + C)) + grads
+                 + stats + wparts)
+    # recompute: the four forward GEMM kernels again (their statistics are recomputed and
+    # dropped; out is not)
+    recompute = elt * P * (5 * C + 4 * D + K) + stats
+    flops_unfused = 2 * P * (D * C + D * D + 2 * K * D + D * C + 2 * C * C)
+    flops_fused = 2 * P * (D * C + D * D + K * D + C * K + 2 * C * C)
+    return {
+        ("unfused", "fwd"): Cost(unfused_fwd, flops_unfused),
+        ("unfused", "bwd"): Cost(unfused_bwd, 2 * flops_unfused),
+        ("fused", "fwd"): Cost(fused_fwd, flops_fused),
+        ("fused", "bwd"): Cost(fused_bwd, 2 * flops_fused),
+        ("fused-recompute", "fwd"): Cost(fused_fwd, flops_fused),
+        ("fused-recompute", "bwd"): Cost(fused_bwd + recompute, 3 * flops_fused),
+    }
+
+
 def model_rows(elt: int = 2) -> list[dict]:
     """One row per (op, shape, mode, impl, device): bytes, FLOPs, ideal time, and the ratios
     against the unfused row."""
@@ -141,16 +198,17 @@ def model_rows(elt: int = 2) -> list[dict]:
         shape = f"{shape_name} B={s['B']} C={s['C']} D={s['D']} K={s['K']} N={s['H']}x{s['W']}"
         for dev in DEVICES.values():
             groups = {
-                "spatial_gather": gather_costs(s["B"], s["C"], s["K"], N, elt, dev),
-                "object_attention": attention_eval_costs(s["B"], s["C"], s["D"], s["K"], N,
-                                                         elt),
+                ("spatial_gather", ""): gather_costs(s["B"], s["C"], s["K"], N, elt, dev),
+                ("object_attention", "eval "): attention_eval_costs(s["B"], s["C"], s["D"],
+                                                                    s["K"], N, elt),
+                ("object_attention", "train "): attention_train_costs(s["B"], s["C"], s["D"],
+                                                                      s["K"], N, elt, dev),
             }
-            for op, costs in groups.items():
+            for (op, prefix), costs in groups.items():
                 for (impl, mode), cost in costs.items():
                     base = costs[("unfused", mode)]
                     rows.append(dict(
-                        op=op, shape=shape, mode=("eval fwd" if op == "object_attention"
-                                                  else mode),
+                        op=op, shape=shape, mode=prefix + mode,
                         impl=impl, device=dev.name, bytes=cost.bytes, flops=cost.flops,
                         ideal_us=cost.seconds(dev) * 1e6, bound=cost.bound(dev),
                         bytes_saving=base.bytes / cost.bytes,

@@ -149,8 +149,13 @@ class ObjectAttention(nn.Module):
 
     def _fused_train(self, feats: Tensor, regions: Tensor) -> Tensor:
         """Training mode: batch statistics (synchronised for SyncBatchNorm), the per-pixel chain
-        in :func:`object_attention_train`; the K-column projections stay in PyTorch."""
+        in :func:`object_attention_train` (its Triton version where ``auto`` resolves to
+        ``triton``); the K-column projections stay in PyTorch."""
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        train = object_attention_train
+        if ops.resolve_backend("auto", feats.device) == "triton":  # fp16/bf16 stay so
+            from .triton.attention_train import object_attention_train as train
+            dtype = feats.dtype
         B, C, H, W = feats.shape
         q1, q2, up, cat = self._pixel_cbrs()
         key = _project_columns(self.key_project, regions).to(dtype)  # B, D, K
@@ -162,7 +167,7 @@ class ObjectAttention(nn.Module):
         w_cat = cat.conv.weight.flatten(1).to(dtype)
         bns = [cbr.bn for cbr in (q1, q2, up, cat)]
         params = [p.to(dtype) for bn in bns for p in (bn.weight, bn.bias)]
-        out, running = object_attention_train(
+        out, running = train(
             feats.reshape(B, C, H * W).to(dtype).contiguous(),
             q1.conv.weight.flatten(1).to(dtype), *params[0:2],
             q2.conv.weight.flatten(1).to(dtype), *params[2:4],

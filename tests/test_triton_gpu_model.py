@@ -106,3 +106,46 @@ def test_bench_prints_the_model_on_any_machine(tmp_path):
     assert "GPU byte/FLOP model" in proc.stdout
     for words in ("A100 80GB", "H100 SXM", "K=19", "K=150", "| fused |", "| unfused |"):
         assert words in proc.stdout
+
+
+@pytest.mark.parametrize("shape", ["cityscapes", "ade20k"])
+def test_attention_training_rows(shape):
+    """Training forward and backward, fused (keeping z1..z4 and the attention) and
+    fused-recompute, against the eager training step: fewer bytes in both directions, the
+    FLOPs of the K-value reassociation, and one more forward of FLOPs for recompute."""
+    for device in ("A100 80GB", "H100 SXM"):
+        rows = rows_for("object_attention", shape, device)
+        for mode in ("train fwd", "train bwd"):
+            unfused = rows[("unfused", mode)]
+            for impl in ("fused", "fused-recompute"):
+                r = rows[(impl, mode)]
+                assert r["bytes"] < unfused["bytes"]
+                assert r["bytes_saving"] == pytest.approx(unfused["bytes"] / r["bytes"])
+            assert rows[("fused", mode)]["flops"] < unfused["flops"]
+        fused_fwd = rows[("fused", "train fwd")]
+        assert fused_fwd["flops"] == rows[("fused", "eval fwd")]["flops"]
+        assert rows[("fused", "train bwd")]["flops"] == 2 * fused_fwd["flops"]
+        assert rows[("fused-recompute", "train bwd")]["flops"] == 3 * fused_fwd["flops"]
+        assert rows[("fused-recompute", "train bwd")]["bytes"] > rows[("fused", "train bwd")][
+            "bytes"]
+    # the forward writes every pre-activation once: a 2.5x to 3.5x byte saving at C=512
+    fwd = rows_for("object_attention", shape, "A100 80GB")[("fused", "train fwd")]
+    assert 2.5 <= fwd["bytes_saving"] <= 3.5
+
+
+def test_attention_training_bytes_by_hand():
+    """B=1, N=1 pixel, C=2, D=1, K=1, 2-byte elements, one weight-gradient split.
+    unfused fwd: 19C + 16D + 6K = 60 map elements + weights D*C + D*D + 2*C*C + D*C = 13;
+    fused fwd: 7C + 4D + K = 19 + weights 11 + keys/values K*(D + C) = 3, and float32
+    statistics partials (sum, centred squares) of z1..z4 written and read back:
+    4 bytes x 1 block x 2 x 2 x (2D + 2C) = 96 bytes. Backward: unfused 29C + 28D + 9K = 95
+    + 2 x 13 (weights read, gradients written); fused 19C + 14D + 5K = 57 + 14, gradients 14,
+    and the statistics again (96)."""
+    dev = gpu_model.Device("x", 1.0, 1.0, sms=1)
+    c = gpu_model.attention_train_costs(B=1, C=2, D=1, K=1, N=1, elt=2, device=dev)
+    assert c[("unfused", "fwd")].bytes == 2 * (60 + 13)
+    assert c[("fused", "fwd")].bytes == 2 * (19 + 11 + 3) + 96
+    assert c[("unfused", "bwd")].bytes == 2 * (95 + 26)
+    assert c[("fused", "bwd")].bytes == 2 * (57 + 14) + 2 * 14 + 96
+    # recompute: z1..z4 again (5C + 4D + K = 15 elements) and their statistics
+    assert c[("fused-recompute", "bwd")].bytes == c[("fused", "bwd")].bytes + 2 * 15 + 96

@@ -2,9 +2,9 @@
 
 Importing this package never imports Triton: :func:`unavailable_reason` does, once, when a
 caller asks whether the ``triton`` backend can run. The kernel modules
-(:mod:`.spatial_gather`, :mod:`.object_attention`) import Triton at their own import and are
-only imported by :mod:`ocrkernels.ops` / :mod:`ocrkernels.modules` once the backend is known to
-be available.
+(:mod:`.spatial_gather`, :mod:`.object_attention`, :mod:`.attention_train`) import Triton at
+their own import and are only imported by :mod:`ocrkernels.ops` / :mod:`ocrkernels.modules`
+once the backend is known to be available.
 
 Where the kernels run:
     * CUDA tensors: the compiled kernels (``triton.jit``), autotuned over
@@ -27,7 +27,7 @@ import os
 import torch
 
 __all__ = ["triton_import_error", "interpreter_enabled", "interpreter_active",
-           "unavailable_reason", "gather_chunk"]
+           "unavailable_reason", "gather_chunk", "wgrad_chunk"]
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 
@@ -105,4 +105,16 @@ def gather_chunk(B: int, K: int, C: int, N: int, sms: int, elt: int) -> int:
     enough = math.ceil(2 * sms / tiles)
     cheap = max(1, (N * elt) // (32 * K))
     splits = max(1, min(enough, cheap))
+    return 128 * math.ceil(math.ceil(N / splits) / 128)
+
+
+def wgrad_chunk(tiles: int, N: int, sms: int) -> int:
+    """Pixels per split of a training weight gradient (kernel ``train_wgrad``) on a GPU with
+    `sms` multiprocessors, when its output has `tiles` tiles (64 x 64, the fp16 config's, times
+    the images for the per-image gradients of the keys and values). Enough splits for about 2
+    programs per SM, each of at least 1024 pixels so that the float32 partials (one output
+    per split, summed in split order on the host) stay far below the maps read; a multiple
+    of 128 pixels. Plain arithmetic, shared with the byte model of bench/gpu_model.py."""
+    enough = math.ceil(2 * sms / max(tiles, 1))
+    splits = max(1, min(enough, N // 1024))
     return 128 * math.ceil(math.ceil(N / splits) / 128)

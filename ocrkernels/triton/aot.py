@@ -12,7 +12,9 @@ Specialisations compiled: integer arguments as i32 (every size and stride below 
 kernels form their offsets in int64 anyway), pointers 16-byte aligned (what torch allocates),
 and for the constexprs that follow the problem size (the padded class count of the gather's
 backward and of the attention, the padded key channels of the attention) the published
-configurations: D=256 and K=19 (Cityscapes; K=21 of VOC pads alike) and K=150 (ADE20K).
+configurations: D=256 and K=19 (Cityscapes; K=21 of VOC pads alike) and K=150 (ADE20K). The
+training kernels are compiled once per constexpr mode that their launch code uses
+(:data:`MODES`: prologue / epilogue variants of the pixel GEMM and the weight gradient).
 
 Run ``python -m ocrkernels.triton.aot`` (``--jobs N`` processes, default all cores); the exit
 status is 1 when anything fails. ``tests/test_triton_aot.py`` runs the same check.
@@ -43,6 +45,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 # class counts whose padded sizes are compiled (see the module docstring)
 K_VALUES = {"K19": 19, "K150": 150}
 D_CHANNELS = 256
+# The constexpr modes of the training kernels, each a different program: every mode the launch
+# code of ocrkernels/triton/attention_train.py uses is compiled (at K=19, which they ignore).
+MODES = {
+    "train_gemm": {
+        "x": dict(PRO=0, HAS_Y2=False, EPI=1),  # z1 = W1 x, moments
+        "bn": dict(PRO=1, HAS_Y2=False, EPI=1),  # z2 = W2 bn_relu1(z1), moments
+        "bn+x": dict(PRO=1, HAS_Y2=True, EPI=1),  # z4 = Wc bn_relu3(z3) + Wx x, moments
+        "mask": dict(PRO=0, HAS_Y2=False, EPI=2),  # g3 (d c), g2 (d h2): mask + grad sums
+        "bwd+mask": dict(PRO=2, HAS_Y2=False, EPI=2),  # g1 = mask(W2^T bn_bwd2(g2))
+        "bwd+y2": dict(PRO=2, HAS_Y2=True, EPI=0),  # dx = W1^T bn_bwd1(g1) + Wx^T dz4
+    },
+    "train_wgrad": {
+        "plain": dict(LT=0, RT=0),  # d Wx
+        "relu": dict(LT=0, RT=1),  # d Wc, d keys
+        "bwd": dict(LT=2, RT=0),  # d W1, d values
+        "bwd+relu": dict(LT=2, RT=1),  # d W2
+    },
+    "train_bn": {"fwd": dict(MODE=0), "reduce": dict(MODE=1), "apply": dict(MODE=2)},
+}
 
 
 @dataclass(frozen=True)
@@ -80,9 +101,15 @@ def _sig(dtype: torch.dtype) -> str:
             torch.float64: "fp64"}[dtype]
 
 
-def _signature(kernel: str, dtype: torch.dtype, k_value: int):
+def _spec_k(spec: str) -> int:
+    """The class count of a specialisation (the training kernels' mode names imply K=19)."""
+    return K_VALUES.get(spec, K_VALUES["K19"])
+
+
+def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19"):
     """(signature, runtime constexprs) of `kernel` for inputs of `dtype` (what the launch
-    code passes as ACC / DOT_UP / PRECISION and the size-derived blocks), GPU semantics."""
+    code passes as ACC / DOT_UP / PRECISION, the size-derived blocks and, for the training
+    kernels, the mode `spec` of MODES), GPU semantics."""
     from . import kernels as K_
 
     t = "*" + _sig(dtype)
@@ -113,6 +140,28 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int):
                    OUT=t, C="i32", D="i32", K="i32", N="i32", stride_xb="i32",
                    stride_xc="i32", stride_xn="i32")
         return sig, dict(flags, D_PAD=K_.next_pow2(D_CHANNELS), K_PAD=K_.next_pow2(k_value))
+    i32 = "i32"
+    if kernel == "train_gemm":
+        sig = dict(W=t, Y=t, ZP=t, PV=acc, W2=t, Y2=t, OUT=t, ZO=t, EV=acc, PART=acc, M=i32,
+                   J=i32, J2=i32, N=i32, NB=i32, stride_wb=i32, stride_wm=i32, stride_wj=i32,
+                   stride_w2m=i32, stride_w2j=i32, stride_yb=i32, stride_yj=i32,
+                   stride_yn=i32, stride_y2b=i32, stride_y2j=i32, stride_y2n=i32)
+        return sig, dict(flags, **MODES[kernel][spec])
+    if kernel == "train_attention":
+        sig = dict(Z2=t, PV=acc, KEYS=t, VALUES=t, ATT=t, Z3=t, PART=acc, C=i32, D=i32, K=i32,
+                   N=i32, NB=i32)
+        return sig, dict(flags, K_PAD=K_.next_pow2(k_value))
+    if kernel == "train_attention_bwd":
+        sig = dict(G3=t, Z3=t, EV=acc, VALUES=t, ATT=t, DSIM=t, C=i32, K=i32, N=i32, NB=i32)
+        return sig, dict(flags, K_PAD=K_.next_pow2(k_value))
+    if kernel == "train_wgrad":
+        sig = dict(L=t, LZ=t, LV=acc, R=t, RV=acc, PART=acc, M=i32, J=i32, N=i32, B=i32,
+                   chunk=i32, S=i32, per_image=i32, stride_lb=i32, stride_lm=i32,
+                   stride_ln=i32, stride_rb=i32, stride_rj=i32, stride_rn=i32)
+        return sig, dict(flags, **MODES[kernel][spec])
+    if kernel == "train_bn":
+        sig = dict(Z=t, DH=t, OUT=t, EV=acc, PART=acc, M=i32, N=i32, NB=i32)
+        return sig, dict(ACC=flags["ACC"], **MODES[kernel][spec])
     raise KeyError(kernel)
 
 
@@ -121,13 +170,19 @@ def _uses(kernel: str, regime: str, dtype: str, spec: str) -> bool:
     `dtype` at class-count specialisation `spec`: the same choice as kernels.regime()."""
     from . import kernels as K_
 
-    return K_.regime(kernel, DTYPES[dtype], K_.next_pow2(K_VALUES[spec])) == regime
+    return K_.regime(kernel, DTYPES[dtype], K_.next_pow2(_spec_k(spec))) == regime
 
 
 def _specs(kernel: str) -> list[str]:
     """The class-count specialisations that change a kernel's code or configs (the gather's
-    forward tiles K in its grid: one specialisation covers every K)."""
-    return list(K_VALUES) if kernel in ("gather_backward", "attention_eval") else ["K19"]
+    forward tiles K in its grid: one specialisation covers every K), or the constexpr modes
+    of the training kernels."""
+    if kernel in MODES:
+        return list(MODES[kernel])
+    if kernel in ("gather_backward", "attention_eval", "train_attention",
+                  "train_attention_bwd"):
+        return list(K_VALUES)
+    return ["K19"]
 
 
 def jobs(kernels=None, dtypes=None, targets=None) -> list[Job]:
@@ -166,7 +221,8 @@ def compile_job(job: Job) -> Result:
         cfg = K_.CONFIGS[job.kernel][job.regime][job.config]
         meta = dict(cfg.kwargs)
         meta.update(dict(job.override))
-        sig, constexprs = _signature(job.kernel, DTYPES[job.dtype], K_VALUES[job.spec])
+        sig, constexprs = _signature(job.kernel, DTYPES[job.dtype], _spec_k(job.spec),
+                                     job.spec)
         constexprs = dict(constexprs, **meta)
         fn = K_.compiled(job.kernel)
         signature = dict(sig)
