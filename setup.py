@@ -10,7 +10,9 @@ importing and running its CPU kernels either way.
 
 Environment:
   FORCE_CUDA=1                     build the CUDA kernels even without a GPU / CUDA torch
-  OCRKERNELS_CUDA_ARCH_LIST        default "8.0;9.0+PTX" (CUDA 13 cannot target sm_70)
+  OCRKERNELS_CUDA_ARCH_LIST        default "8.0;9.0+PTX": sm_80 (A100) and sm_90 (H100) machine
+                                   code, and compute_90 PTX that the driver JIT-compiles for
+                                   newer GPUs. CUDA 13 cannot target sm_70 (V100): no "7.0".
   CUDA_HOME                        toolkit root; found from nvcc when unset
   MAX_JOBS                         parallel compile jobs (ninja)
   OCRKERNELS_SKIP_EXTENSION=1      install the pure-PyTorch package only

@@ -3,7 +3,10 @@
 // cpu/pixel_matmul_cpu.cpp). The per-element arithmetic is common/bn_relu.h (bn_act rounds
 // exactly as on the CPU, so the ReLU masks agree with the CPU's bit for bit) and the statistics
 // merge common/bn_stats.h. Reductions: one block per (image, channel) row writes its partial
-// from a fixed-shape tree; the rows of a channel are then combined in batch order.
+// from a fixed-shape tree; the rows of a channel are then combined in batch order. The in-place
+// twins (bn_relu_inplace, bn_relu_backward_apply_inplace) and pixel_matmul_into write into a
+// contiguous map the caller owns; pixel_matmul_nt reduces over pixels in fixed-size splits whose
+// partials are summed in split order.
 #include <torch/library.h>
 
 #include <tuple>
@@ -31,10 +34,11 @@ __device__ __forceinline__ void block_sum(double (&vals)[nv], double* red) {
   for (int v = 0; v < nv; ++v) vals[v] = red[v * kThreads];
 }
 
+// h may be z itself (bn_relu_inplace): each thread reads its element before writing it.
 template <typename T>
-__global__ void bn_relu_kernel(const T* __restrict__ z, const T* __restrict__ mean,
+__global__ void bn_relu_kernel(const T* z, const T* __restrict__ mean,
                                const T* __restrict__ scale, const T* __restrict__ beta,
-                               int64_t total, int64_t ch, int64_t N, T* __restrict__ h) {
+                               int64_t total, int64_t ch, int64_t N, T* h) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int64_t c = (idx / N) % ch;
@@ -75,12 +79,13 @@ __global__ void batch_order_sum_kernel(const T* __restrict__ partial, int64_t B,
   sums[i] = s;
 }
 
+// dz may be dh itself (bn_relu_backward_apply_inplace).
 template <typename T>
-__global__ void grad_apply_kernel(const T* __restrict__ dh, const T* __restrict__ z,
+__global__ void grad_apply_kernel(const T* dh, const T* __restrict__ z,
                                   const T* __restrict__ mean, const T* __restrict__ invstd,
                                   const T* __restrict__ scale, const T* __restrict__ beta,
                                   const T* __restrict__ sums, double count, int64_t total,
-                                  int64_t ch, int64_t N, T* __restrict__ dz) {
+                                  int64_t ch, int64_t N, T* dz) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int64_t c = (idx / N) % ch;
@@ -129,20 +134,23 @@ __global__ void merge_moments_kernel(const double* __restrict__ row_mean,
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>(ceil_div(n, kThreads)); }
 
-at::Tensor bn_relu_cuda(const at::Tensor& z_in, const at::Tensor& mean_in,
-                        const at::Tensor& scale_in, const at::Tensor& beta_in) {
-  const char* op = "bn_relu";
-  const BnDims d = check_bn_map(op, z_in, "z");
-  check_bn_like(op, mean_in, "mean", {d.ch}, z_in);
-  check_bn_like(op, scale_in, "scale", {d.ch}, z_in);
-  check_bn_like(op, beta_in, "beta", {d.ch}, z_in);
-  check_cuda_tensor(op, "z", z_in);
-  const c10::cuda::CUDAGuard guard(z_in.device());
+BnDims check_bn_relu_cuda(const char* op, const at::Tensor& z, const at::Tensor& mean,
+                          const at::Tensor& scale, const at::Tensor& beta) {
+  const BnDims d = check_bn_map(op, z, "z");
+  check_bn_like(op, mean, "mean", {d.ch}, z);
+  check_bn_like(op, scale, "scale", {d.ch}, z);
+  check_bn_like(op, beta, "beta", {d.ch}, z);
+  check_cuda_tensor(op, "z", z);
+  return d;
+}
+
+// h = relu(bn(z)); h is contiguous and may be z itself.
+void bn_relu_fill(const BnDims& d, const at::Tensor& z_in, const at::Tensor& mean_in,
+                  const at::Tensor& scale_in, const at::Tensor& beta_in, at::Tensor& h) {
   const at::Tensor z = z_in.contiguous(), mean = mean_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor h = at::empty(z.sizes(), z.options());
   const int64_t total = z.numel();
-  if (total == 0) return h;
+  if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu", [&] {
     bn_relu_kernel<scalar_t><<<blocks_for(total), kThreads, 0, current_stream()>>>(
         z.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
@@ -150,7 +158,23 @@ at::Tensor bn_relu_cuda(const at::Tensor& z_in, const at::Tensor& mean_in,
         h.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor bn_relu_cuda(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& beta) {
+  const BnDims d = check_bn_relu_cuda("bn_relu", z, mean, scale, beta);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor h = at::empty(z.sizes(), z.options());
+  bn_relu_fill(d, z, mean, scale, beta, h);
   return h;
+}
+
+void bn_relu_inplace_cuda(at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                          const at::Tensor& beta) {
+  const BnDims d = check_bn_relu_cuda("bn_relu_inplace", z, mean, scale, beta);
+  check_writable_map("bn_relu_inplace", z, "z", {&mean, &scale, &beta});
+  const c10::cuda::CUDAGuard guard(z.device());
+  bn_relu_fill(d, z, mean, scale, beta, z);
 }
 
 at::Tensor bn_relu_backward_reduce_cuda(const at::Tensor& dh_in, const at::Tensor& z_in,
@@ -182,22 +206,17 @@ at::Tensor bn_relu_backward_reduce_cuda(const at::Tensor& dh_in, const at::Tenso
   return sums;
 }
 
-at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& dh_in, const at::Tensor& z_in,
-                                       const at::Tensor& mean_in, const at::Tensor& invstd_in,
-                                       const at::Tensor& scale_in, const at::Tensor& beta_in,
-                                       const at::Tensor& sums_in, double count) {
-  check_bn_backward_apply("bn_relu_backward_apply", dh_in, z_in, mean_in, invstd_in, scale_in,
-                          beta_in, sums_in, count);
-  const char* op = "bn_relu_backward_apply";
-  check_cuda_tensor(op, "z", z_in);
-  const c10::cuda::CUDAGuard guard(z_in.device());
+// dz of relu(bn(z)) into dz (contiguous, the shape of z; it may be dh itself).
+void bn_relu_backward_apply_fill(const at::Tensor& dh_in, const at::Tensor& z_in,
+                                 const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                 const at::Tensor& scale_in, const at::Tensor& beta_in,
+                                 const at::Tensor& sums_in, double count, at::Tensor& dz) {
   const BnDims d{z_in.size(0), z_in.size(1), z_in.size(2)};
   const at::Tensor dh = dh_in.contiguous(), z = z_in.contiguous(), sums = sums_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(),
                    scale = scale_in.contiguous(), beta = beta_in.contiguous();
-  at::Tensor dz = at::empty(z.sizes(), z.options());
   const int64_t total = z.numel();
-  if (total == 0) return dz;
+  if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_relu_backward_apply", [&] {
     grad_apply_kernel<scalar_t><<<blocks_for(total), kThreads, 0, current_stream()>>>(
         dh.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
@@ -207,7 +226,31 @@ at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& dh_in, const at::Tensor
         dz.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& dh, const at::Tensor& z,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       const at::Tensor& scale, const at::Tensor& beta,
+                                       const at::Tensor& sums, double count) {
+  const char* op = "bn_relu_backward_apply";
+  check_bn_backward_apply(op, dh, z, mean, invstd, scale, beta, sums, count);
+  check_cuda_tensor(op, "z", z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor dz = at::empty(z.sizes(), z.options());
+  bn_relu_backward_apply_fill(dh, z, mean, invstd, scale, beta, sums, count, dz);
   return dz;
+}
+
+void bn_relu_backward_apply_inplace_cuda(at::Tensor& dh, const at::Tensor& z,
+                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                         const at::Tensor& scale, const at::Tensor& beta,
+                                         const at::Tensor& sums, double count) {
+  const char* op = "bn_relu_backward_apply_inplace";
+  check_bn_backward_apply(op, dh, z, mean, invstd, scale, beta, sums, count);
+  check_writable_map(op, dh, "dh", {&z, &mean, &invstd, &scale, &beta, &sums});
+  check_cuda_tensor(op, "z", z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  bn_relu_backward_apply_fill(dh, z, mean, invstd, scale, beta, sums, count, dh);
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_var_mean_cuda(const at::Tensor& z_in) {
@@ -235,12 +278,10 @@ std::tuple<at::Tensor, at::Tensor> batch_var_mean_cuda(const at::Tensor& z_in) {
   return {var, mean};
 }
 
-at::Tensor pixel_matmul_cuda(const at::Tensor& weight, const at::Tensor& x,
-                             const c10::optional<at::Tensor>& weight2,
-                             const c10::optional<at::Tensor>& x2) {
-  check_pixel_matmul_args(weight, x, weight2, x2);
-  check_cuda_tensor("pixel_matmul", "x", x);
-  const c10::cuda::CUDAGuard guard(x.device());
+// out (contiguous (B, M, N)) = weight . x (+ weight2 . x2).
+void pixel_matmul_fill(const at::Tensor& weight, const at::Tensor& x,
+                       const c10::optional<at::Tensor>& weight2,
+                       const c10::optional<at::Tensor>& x2, at::Tensor& out) {
   const at::Tensor w = weight.contiguous(), xc = x.contiguous();
   const bool two = weight2.has_value();
   const at::Tensor w2 = two ? weight2->contiguous() : at::Tensor();
@@ -248,8 +289,7 @@ at::Tensor pixel_matmul_cuda(const at::Tensor& weight, const at::Tensor& x,
   const int64_t B = xc.size(0), J = xc.size(1), N = xc.size(2), M = w.size(0);
   const int64_t J2 = two ? w2.size(1) : 0;
   check_grid_yz("pixel_matmul", ceil_div(M, kTM), B);
-  at::Tensor out = at::empty({B, M, N}, xc.options());
-  if (B == 0 || N == 0 || M == 0) return out;
+  if (B == 0 || N == 0 || M == 0) return;
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "pixel_matmul", [&] {
     launch_pixel_gemm(
         PixelGemm<scalar_t, scalar_t, scalar_t, scalar_t>{
@@ -258,6 +298,106 @@ at::Tensor pixel_matmul_cuda(const at::Tensor& weight, const at::Tensor& x,
             two ? x2c.const_data_ptr<scalar_t>() : nullptr, J2 * N, nullptr, false,
             out.mutable_data_ptr<scalar_t>(), M * N},
         B, current_stream());
+  });
+}
+
+at::Tensor pixel_matmul_cuda(const at::Tensor& weight, const at::Tensor& x,
+                             const c10::optional<at::Tensor>& weight2,
+                             const c10::optional<at::Tensor>& x2) {
+  check_pixel_matmul_args(weight, x, weight2, x2);
+  check_cuda_tensor("pixel_matmul", "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2)}, x.options());
+  pixel_matmul_fill(weight, x, weight2, x2, out);
+  return out;
+}
+
+void pixel_matmul_into_cuda(const at::Tensor& weight, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight2,
+                            const c10::optional<at::Tensor>& x2, at::Tensor& out) {
+  check_pixel_matmul_into_args(weight, x, weight2, x2, out);
+  check_cuda_tensor("pixel_matmul_into", "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  pixel_matmul_fill(weight, x, weight2, x2, out);
+}
+
+// pixel_matmul_nt: out (M, J) = sum over b and n of a[b, m, n] * y[b, j, n]. The B * N products
+// of an output are split into S runs of `split` consecutive (b, n) (b major); grid
+// (J tiles, M tiles, S): each block writes its run's partial tile, and nt_reduce_kernel sums the
+// S partials in run order. The split depends on the shape only, so the bits do not change from
+// run to run.
+constexpr int64_t kMaxSplits = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    nt_partial_kernel(const T* __restrict__ a, const T* __restrict__ y, int64_t M, int64_t J,
+                      int64_t N, int64_t total, int64_t split, T* __restrict__ partial) {
+  __shared__ T As[kTK * kTM];
+  __shared__ T Bs[kTK * kTN];
+  const int64_t j0 = int64_t(blockIdx.x) * kTN, m0 = int64_t(blockIdx.y) * kTM;
+  const int64_t t0 = int64_t(blockIdx.z) * split;
+  const int64_t depth = (t0 + split < total ? t0 + split : total) - t0;
+  // t = b * N + n indexes the (b, n) pairs
+  auto load_a = [&](int i, int64_t t) -> T {
+    const int64_t m = m0 + i, tt = t0 + t;
+    return m < M ? a[((tt / N) * M + m) * N + tt % N] : T(0);
+  };
+  auto load_b = [&](int64_t t, int jj) -> T {
+    const int64_t j = j0 + jj, tt = t0 + t;
+    return j < J ? y[((tt / N) * J + j) * N + tt % N] : T(0);
+  };
+  T acc[4][4];
+  zero_tile(acc);
+  tile_mma(acc, depth, load_a, load_b, As, Bs);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  T* out = partial + int64_t(blockIdx.z) * M * J;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t m = m0 + ty * 4 + r;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = j0 + tx * 4 + c;
+      if (m < M && j < J) out[m * J + j] = acc[r][c];
+    }
+  }
+}
+
+template <typename T>
+__global__ void nt_reduce_kernel(const T* __restrict__ partial, int64_t S, int64_t size,
+                                 T* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= size) return;
+  T s = partial[i];
+  for (int64_t k = 1; k < S; ++k) s += partial[k * size + i];
+  out[i] = s;
+}
+
+at::Tensor pixel_matmul_nt_cuda(const at::Tensor& a_in, const at::Tensor& y_in) {
+  check_pixel_matmul_nt_args(a_in, y_in);
+  check_cuda_tensor("pixel_matmul_nt", "a", a_in);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = a_in.contiguous(), y = y_in.contiguous();
+  const int64_t B = a.size(0), M = a.size(1), N = a.size(2), J = y.size(1);
+  at::Tensor out = at::empty({M, J}, a.options());
+  if (M == 0 || J == 0) return out;
+  const int64_t total = B * N;
+  if (total == 0) return out.zero_();
+  // Runs of at least 4096 products, at most kMaxSplits of them, whole kTK steps.
+  const int64_t split = ceil_div(std::max<int64_t>(4096, ceil_div(total, kMaxSplits)), kTK) * kTK;
+  const int64_t S = ceil_div(total, split);
+  check_grid_yz("pixel_matmul_nt", ceil_div(M, kTM), S);
+  at::Tensor partial = at::empty({S, M, J}, a.options());
+  const cudaStream_t stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pixel_matmul_nt", [&] {
+    const dim3 grid(static_cast<unsigned>(ceil_div(J, kTN)),
+                    static_cast<unsigned>(ceil_div(M, kTM)), static_cast<unsigned>(S));
+    nt_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        a.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), M, J, N, total, split,
+        partial.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    nt_reduce_kernel<scalar_t><<<blocks_for(M * J), kThreads, 0, stream>>>(
+        partial.const_data_ptr<scalar_t>(), S, M * J, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -271,6 +411,10 @@ TORCH_LIBRARY_IMPL(ocrkernels, CUDA, m) {
   m.impl("bn_relu_backward_apply", &cuda::bn_relu_backward_apply_cuda);
   m.impl("batch_var_mean", &cuda::batch_var_mean_cuda);
   m.impl("pixel_matmul", &cuda::pixel_matmul_cuda);
+  m.impl("bn_relu_inplace", &cuda::bn_relu_inplace_cuda);
+  m.impl("bn_relu_backward_apply_inplace", &cuda::bn_relu_backward_apply_inplace_cuda);
+  m.impl("pixel_matmul_into", &cuda::pixel_matmul_into_cuda);
+  m.impl("pixel_matmul_nt", &cuda::pixel_matmul_nt_cuda);
 }
 
 }  // namespace ocrkernels
