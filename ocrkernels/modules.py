@@ -97,9 +97,11 @@ class ObjectAttention(nn.Module):
             :mod:`ocrkernels.attention_train`: exact batch-statistics BatchNorm (SyncBatchNorm
             too, on any device) and out_project on the K values. Eval-mode calls with autograd
             enabled run the reference.
-        recompute: training with ``fused``: keep only the input features for backward and
-            recompute the intermediates there (about 1/9 of the reference's saved activations,
-            one more forward of FLOPs) instead of keeping the pre-activations (about 2/5).
+        recompute: training with ``fused``: keep only the bottleneck's pre-activation (C
+            floats per pixel) for backward and recompute the cheaper stages before it there
+            (under 1/8 of the reference's saved activations, about 10% more FLOPs), instead
+            of keeping every pre-activation and the attention (about 2/5). The Triton path
+            (CUDA) recomputes the whole chain from the input features.
     """
 
     def __init__(self, in_channels: int, channels: int, fused: bool = True,
