@@ -100,8 +100,7 @@ class ObjectAttention(nn.Module):
         recompute: training with ``fused``: keep only the bottleneck's pre-activation (C
             floats per pixel) for backward and recompute the cheaper stages before it there
             (under 1/8 of the reference's saved activations, about 10% more FLOPs), instead
-            of keeping every pre-activation and the attention (about 2/5). The Triton path
-            (CUDA) recomputes the whole chain from the input features.
+            of keeping every pre-activation and the attention (about 2/5).
     """
 
     def __init__(self, in_channels: int, channels: int, fused: bool = True,

@@ -29,7 +29,7 @@ import ocrkernels  # noqa: E402
 from ocrkernels import attention_train as cpu_path  # noqa: E402
 from ocrkernels.triton import attention_train as tat  # noqa: E402
 from ocrkernels.triton import kernels as K_  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, saved_bytes  # noqa: E402
 from test_attention_train import assert_same_training, chain_inputs, make_pair, step  # noqa: E402
 
 EPS = (1e-5,) * 4
@@ -175,6 +175,44 @@ def test_non_contiguous_x_and_weights_and_determinism():
     assert rel_err(first[0], want[0]) < 1e-5
     for a, b in zip(first[2], want[2]):
         assert rel_err(a, b) < 1e-4
+
+
+def test_recompute_keeps_z4_only_and_gives_the_bits_of_keep(monkeypatch):
+    """recompute=True keeps z4 (C values per pixel) besides the inputs and the per-channel
+    vectors, and recomputes z1, z2, A and z3 in backward with the forward's launches, never
+    the z4 GEMM: out and all 15 gradients equal the keep mode's bit for bit."""
+    B, C, D, K, N = 2, 12, 8, 3, 21
+    args = [a.detach().requires_grad_() for a in
+            chain_inputs(B=B, C=C, D=D, K=K, N=N, dtype=torch.float32)]
+    grad = torch.randn(B, C, N)
+    vectors = 4 * 6 * (2 * D + 2 * C)  # (6, channels) float32 per BatchNorm
+    per_pixel = {True: C, False: 2 * D + K + 2 * C}
+    for recompute, elements in per_pixel.items():
+        kept = saved_bytes(lambda: triton_chain(*args, recompute=recompute), exclude=args)
+        assert kept == 4 * B * N * elements + vectors, (recompute, kept)
+
+    launches = []
+    real = tat.launch
+
+    def spy(name, grid, args_, device, regime, config=None, **constexprs):
+        launches.append((name, constexprs.get("PRO"), constexprs.get("HAS_Y2")))
+        return real(name, grid, args_, device, regime, config, **constexprs)
+
+    monkeypatch.setattr(tat, "launch", spy)
+    keep = run_chain(triton_chain, args, grad)
+    launches.clear()
+    out, _ = triton_chain(*args, recompute=True)
+    forward = list(launches)
+    launches.clear()
+    grads = torch.autograd.grad(out, args, grad)
+    z4_gemm = ("train_gemm", 1, True)  # z4 = Wc bn_relu3(z3) + Wx x
+    assert z4_gemm in forward and z4_gemm not in launches
+    assert launches[:3] == forward[:3]  # z1, z2, then A and z3
+    assert [name for name, *_ in forward[:3]] == ["train_gemm", "train_gemm",
+                                                  "train_attention"]
+    assert torch.equal(out, keep[0])
+    for i, (a, b) in enumerate(zip(grads, keep[2])):
+        assert torch.equal(a, b), i
 
 
 def test_sync_batchnorm_reduces_statistics_and_gradient_sums(monkeypatch):

@@ -17,8 +17,10 @@ is how it runs:
   merged in block order (float64, Chan's formula) into the batch mean and variance and, for
   SyncBatchNorm, all-reduced over the process group exactly as
   :func:`ocrkernels.batchnorm.batch_stats` does;
-* backward, from z1..z4 and A (kept, or recomputed by the same kernels with the forward's
-  statistics when ``recompute``): ``train_bn`` (sums of bn4's gradient, then d z4),
+* backward, from z1..z4 and A: all kept, or, with ``recompute``, z4 kept and z1, z2, A and
+  z3 recomputed by the forward's first three kernels with the forward's statistics (the same
+  launches, so the same bits; the z4 GEMM, 71% of the forward's FLOPs at C=512, D=256, K=19,
+  is not run again): ``train_bn`` (sums of bn4's gradient, then d z4),
   ``train_gemm`` with a ReLU-mask + gradient-sums epilogue for d c, d h2 and d h1 (the masked
   gradient g is stored, d z = bn_bwd(g, z) is formed again in the prologue of every consumer),
   ``train_attention_bwd`` (through the softmax), ``train_wgrad`` for the six weight
@@ -469,7 +471,8 @@ class _ObjectAttentionTrainTriton(torch.autograd.Function):
         z4, st = train_gemm(wc, z3, 1, None, v3, wx, x, 1, None, None)
         v4 = normalise(st, 3)
         out = train_bn_relu(z4, v4)
-        kept = () if recompute else (z1, z2, attn, z3, z4)
+        # With recompute only z4 (C per pixel) is kept: z1..z3 and A are the cheap stages
+        kept = (z4,) if recompute else (z1, z2, attn, z3, z4)
         del z1, z2, attn, z3, z4
 
         ctx.save_for_backward(x, w1, w2, keys, values, wc, wx, *vecs, *kept)
@@ -488,11 +491,13 @@ class _ObjectAttentionTrainTriton(torch.autograd.Function):
     def _backward(ctx, dout):
         x, w1, w2, keys, values, wc, wx, v1, v2, v3, v4, *kept = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if ctx.recompute:  # the same kernels with the forward's statistics: the same bits
+        if ctx.recompute:
+            # z1..z3 and A again: the forward's launches (same modes, same statistics vectors),
+            # so the same bits; their moments are recomputed and dropped. z4 is kept.
+            (z4,) = kept
             z1, _ = train_gemm(w1, x, 0, None, None, None, None, 1, None, None)
             z2, _ = train_gemm(w2, z1, 1, None, v1, None, None, 1, None, None)
             attn, z3, _ = train_attention(z2, v2, keys, values)
-            z4, _ = train_gemm(wc, z3, 1, None, v3, wx, x, 1, None, None)
         else:
             z1, z2, attn, z3, z4 = kept
         del kept
