@@ -31,8 +31,8 @@ _HAS_VAR_MEAN = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatc
     "ocrkernels::batch_var_mean", "CPU")
 
 __all__ = ["BatchStats", "SyncBatchNorm", "convert_sync_batchnorm", "sync_group", "batch_stats",
-           "update_running_stats", "batch_norm_train", "check_trainable_bn", "grad_sums",
-           "reduce_grad_sums", "input_grad"]
+           "global_stats", "update_running_stats", "batch_norm_train", "check_trainable_bn",
+           "grad_sums", "reduce_grad_sums", "input_grad"]
 
 
 class BatchStats(NamedTuple):
@@ -65,7 +65,13 @@ def batch_stats(x: Tensor, group=None) -> BatchStats:
         var, mean = torch.ops.ocrkernels.batch_var_mean(x)  # one vectorised pass per row
     else:
         var, mean = torch.var_mean(x, dim=_reduce_dims(x), unbiased=False)
-    count = x.numel() // x.shape[1]
+    return global_stats(mean, var, x.numel() // x.shape[1], group)
+
+
+def global_stats(mean: Tensor, var: Tensor, count: int, group=None) -> BatchStats:
+    """BatchStats of the whole batch from the local per-channel (mean, biased var) over `count`
+    elements per channel: one float64 all-reduce of (n, n mean, n (var + mean^2)) over `group`,
+    or the local statistics when `group` is None."""
     if group is None:
         return BatchStats(mean, var, count)
     local = torch.stack([torch.full_like(mean, count), mean * count,
@@ -74,7 +80,7 @@ def batch_stats(x: Tensor, group=None) -> BatchStats:
     total = local[0, 0]
     g_mean = local[1] / total
     g_var = (local[2] / total - g_mean * g_mean).clamp_min(0)
-    return BatchStats(g_mean.to(x.dtype), g_var.to(x.dtype), int(total.item()))
+    return BatchStats(g_mean.to(mean.dtype), g_var.to(mean.dtype), int(total.item()))
 
 
 @torch.no_grad()

@@ -53,13 +53,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.library import triton_op
 
 from . import interpreter_active, wgrad_chunk
 from . import kernels as K_
-from ..batchnorm import BatchStats, reduce_grad_sums
+from ..batchnorm import global_stats, reduce_grad_sums
 from .spatial_gather import _kernel_flags, keep_on_cpu, launch, triton_cdiv
 
 __all__ = ["object_attention_train", "train_gemm", "train_attention",
@@ -414,22 +413,6 @@ _register_shape_functions()
 
 # ---- the chain ------------------------------------------------------------------------------
 
-def _global_stats(local: Tensor, count: int, group) -> BatchStats:
-    """BatchStats of the whole batch from the local (mean, biased var) over `count` elements
-    per channel: the float64 all-reduce of (n, n mean, n (var + mean^2)) of
-    :func:`ocrkernels.batchnorm.batch_stats`, or the local statistics when `group` is None."""
-    mean, var = local[0], local[1]
-    if group is None:
-        return BatchStats(mean, var, count)
-    moments = torch.stack([torch.full_like(mean, count), mean * count,
-                           (var + mean * mean) * count]).double()
-    dist.all_reduce(moments, group=group)
-    total = moments[0, 0]
-    g_mean = moments[1] / total
-    g_var = (moments[2] / total - g_mean * g_mean).clamp_min(0)
-    return BatchStats(g_mean.to(mean.dtype), g_var.to(mean.dtype), int(total.item()))
-
-
 def _with_grad_sums(vec: Tensor, sums: Tensor, count: int) -> Tensor:
     return torch.cat([vec[:4], sums / count])
 
@@ -453,7 +436,7 @@ class _ObjectAttentionTrainTriton(torch.autograd.Function):
         vecs, counts, running = [], [], []
 
         def normalise(local: Tensor, i: int) -> Tensor:
-            stats = _global_stats(local, B * N, groups[i])
+            stats = global_stats(local[0], local[1], B * N, groups[i])
             invstd = torch.rsqrt(stats.var + eps[i])
             zeros = torch.zeros_like(invstd)
             vecs.append(torch.stack([stats.mean, gammas[i].to(acc) * invstd,
