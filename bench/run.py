@@ -226,13 +226,12 @@ def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> 
     return OpFns(reference=calls[EAGER], call_backend=calls.__getitem__,
                  reference64=_eval_or_train_call(copy.deepcopy(reference).double()),
                  params=lambda impl: tuple(calls[impl].train_block.parameters()),
-                 only_modes={RECOMPUTE: ("fwd+bwd",), "triton": ("fwd",)})
+                 only_modes={RECOMPUTE: ("fwd+bwd",)})
 
 
 def _object_attention_backends(device: torch.device) -> list[str]:
-    # block.fused = True runs the fused eval kernel where "auto" resolves to the C++ CPU
-    # backend or to Triton (CUDA; training then runs attention_train's PyTorch ops, so the
-    # "triton" row is eval only); elsewhere it would silently run the reference.
+    # block.fused = True runs the fused kernels (eval and training) where "auto" resolves to
+    # the C++ CPU backend or to Triton (CUDA); elsewhere it would silently run the reference.
     auto = ocrkernels.resolve_backend("auto", device)
     if auto == "cpu":
         return ["cpu", RECOMPUTE, EAGER]
@@ -731,6 +730,20 @@ def triton_do_bench_rows(device: torch.device, dtype: torch.dtype,
             fn = fns.call_backend(impl)
             add("object_attention", _describe_bcdkn(s), "fwd", impl,
                 lambda fn=fn: fn(feats, regions), costs[(model, "fwd")])
+        # object attention, a training step: forward, then the gradients of the inputs and of
+        # every parameter (the fused rows run the Triton training kernels)
+        costs = gpu_model.attention_train_costs(s["B"], s["C"], s["D"], s["K"], N, elt, dev)
+        leaves = requires_grad_copies((feats, regions))
+        grad_out = torch.randn_like(feats)
+        for impl, label, model in (("triton", "triton", "fused"),
+                                   (RECOMPUTE, "triton-recompute", "fused-recompute"),
+                                   (EAGER, EAGER, "unfused")):
+            fn, params = fns.call_backend(impl), fns.params(impl)
+            both = gpu_model.Cost(costs[(model, "fwd")].bytes + costs[(model, "bwd")].bytes,
+                                  costs[(model, "fwd")].flops + costs[(model, "bwd")].flops)
+            add("object_attention", _describe_bcdkn(s), "fwd+bwd", label,
+                lambda fn=fn, params=params: torch.autograd.grad(
+                    fn(*leaves), (*leaves, *params), grad_out), both)
     return rows
 
 
