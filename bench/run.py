@@ -602,6 +602,16 @@ def device_description(device: torch.device) -> str:
     return f"{device} ({model or platform.processor() or 'unknown CPU'}{kernels})"
 
 
+def allocator_description() -> str:
+    """The environment that changes how large host buffers are allocated: the eager reference
+    spends a large share of a training step faulting in fresh maps under glibc's default malloc,
+    so ratios depend on it (docs/PERFORMANCE.md)."""
+    keys = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "LD_PRELOAD")
+    if not keys:
+        return "default (no MALLOC_* or LD_PRELOAD in the environment)"
+    return ", ".join(f"{k}={os.environ[k]}" for k in keys)
+
+
 def header(args: argparse.Namespace, device: torch.device, started: datetime.datetime,
            timing: dict[str, tuple[int, int]], matmul: float | None,
            matmul_shape: tuple[int, int, int], notes: list[str]) -> str:
@@ -620,6 +630,7 @@ def header(args: argparse.Namespace, device: torch.device, started: datetime.dat
         f"- threads: {torch.get_num_threads()} (torch.get_num_threads()); "
         f"logical CPUs: {os.cpu_count()}",
         f"- dtype: {args.dtype}",
+        f"- allocator: {allocator_description()}",
         f"- date: {started.isoformat(timespec='seconds')} (start of the run)",
         f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
         f"- timing: median of the timed interleaved rounds after the warm-up rounds "
