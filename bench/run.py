@@ -208,6 +208,23 @@ def _eval_or_train_call(block: torch.nn.Module) -> Callable[[Tensor, Tensor], Te
     return run
 
 
+def _with_backend(backend: str, call: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """call with OCRKERNELS_BACKEND=backend (what the module's ``auto`` resolves to) during the
+    forward, so that one run can time the Triton and the CUDA kernels of the same block."""
+    def run(*args: Tensor) -> Tensor:
+        old = os.environ.get(ocrkernels.ops.BACKEND_ENV)
+        os.environ[ocrkernels.ops.BACKEND_ENV] = backend
+        try:
+            return call(*args)
+        finally:
+            if old is None:
+                del os.environ[ocrkernels.ops.BACKEND_ENV]
+            else:
+                os.environ[ocrkernels.ops.BACKEND_ENV] = old
+    run.train_block = call.train_block
+    return run
+
+
 def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> OpFns:
     """Blocks with the same state and a fixed `fused` flag each, so that no implementation
     flips a shared flag; the conv weights come from the global RNG."""
@@ -222,7 +239,9 @@ def _object_attention_fns(s: dict, device: torch.device, dtype: torch.dtype) -> 
     recompute = copy.deepcopy(fused)
     recompute.recompute = True
     calls = {EAGER: _eval_or_train_call(reference), "cpu": _eval_or_train_call(fused),
-             "triton": _eval_or_train_call(fused), RECOMPUTE: _eval_or_train_call(recompute)}
+             "triton": _with_backend("triton", _eval_or_train_call(fused)),
+             "cuda": _with_backend("cuda", _eval_or_train_call(copy.deepcopy(fused))),
+             RECOMPUTE: _eval_or_train_call(recompute)}
     return OpFns(reference=calls[EAGER], call_backend=calls.__getitem__,
                  reference64=_eval_or_train_call(copy.deepcopy(reference).double()),
                  params=lambda impl: tuple(calls[impl].train_block.parameters()),
@@ -235,9 +254,8 @@ def _object_attention_backends(device: torch.device) -> list[str]:
     auto = ocrkernels.resolve_backend("auto", device)
     if auto == "cpu":
         return ["cpu", RECOMPUTE, EAGER]
-    if auto == "triton":
-        return ["triton", EAGER]
-    return [EAGER]
+    # CUDA: the Triton and the CUDA C++ kernels side by side, where each is available
+    return [b for b in ocrkernels.available_backends(device) if b in ("triton", "cuda")] + [EAGER]
 
 
 def _object_attention_flops(s: dict) -> int:

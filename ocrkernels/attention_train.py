@@ -45,8 +45,17 @@ def _col(v: Tensor) -> Tensor:
     return v[:, None]
 
 
+# The CUDA twins of the BatchNorm-ReLU passes (csrc/ocrkernels/cuda), where built. The GEMMs
+# stay with cuBLAS on CUDA: the CUDA pixel_matmul kernels are plain baselines.
+_HAS_CUDA_BN = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "ocrkernels::bn_relu_backward_apply_inplace", "CUDA")
+
+
 def _fused_bn(z: Tensor) -> bool:
-    return z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64) and _HAS_CPU_OPS
+    if z.dtype not in (torch.float32, torch.float64):
+        return False
+    return ((z.device.type == "cpu" and _HAS_CPU_OPS)
+            or (z.device.type == "cuda" and _HAS_CUDA_BN))
 
 
 def _bn_relu(z: Tensor, mean: Tensor, scale: Tensor, beta: Tensor,

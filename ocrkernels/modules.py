@@ -132,7 +132,7 @@ class ObjectAttention(nn.Module):
             return self._fused_train(feats, regions)
         if self.fused and not self.training and not torch.is_grad_enabled():
             impl = ops.resolve_backend("auto", feats.device)
-            if impl in ("cpu", "triton"):
+            if impl != "reference":  # cpu, cuda (the C++ kernels) or triton
                 return self._fused_eval(feats, regions, impl)
         return reference.object_attention(feats, regions, self.query_project, self.key_project,
                                           self.value_project, self.out_project, self.bottleneck,
@@ -180,8 +180,8 @@ class ObjectAttention(nn.Module):
         return out.view(B, C, H, W).to(feats.dtype)
 
     def _fused_eval(self, feats: Tensor, regions: Tensor, impl: str = "cpu") -> Tensor:
-        """The per-pixel chain in one kernel (C++ for ``impl="cpu"``, Triton for
-        ``"triton"``); the K-column projections stay in PyTorch."""
+        """The per-pixel chain in one op (the C++ kernels for ``impl="cpu"`` or ``"cuda"``,
+        Triton for ``"triton"``); the K-column projections stay in PyTorch."""
         dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
         C = self.in_channels
         key = self.key_project(regions).flatten(2).to(dtype)  # B, D, K
@@ -199,6 +199,9 @@ class ObjectAttention(nn.Module):
             from .triton.object_attention import object_attention_eval
 
             return object_attention_eval(feats, *(t.to(feats.dtype) for t in args))
+        if impl == "cuda":  # the CUDA kernel takes fp16/bf16 too, accumulating in fp32
+            return torch.ops.ocrkernels.object_attention_eval(
+                feats, *(t.to(feats.dtype) for t in args))
         out = torch.ops.ocrkernels.object_attention_eval(feats.to(dtype), *args)
         return out.to(feats.dtype)
 

@@ -105,6 +105,26 @@ def test_fused_path_only_in_eval_without_grad(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_cuda_backend_runs_the_fused_op_not_the_reference(monkeypatch):
+    """Where ``auto`` resolves to the CUDA C++ kernels the block calls the fused op (dispatched
+    by device), in the input's dtype as the CUDA kernel takes it. Checked on CPU tensors, with
+    the resolution faked: the op then runs its CPU kernel."""
+    block = make_block(16, 8)
+    feats, regions = torch.randn(2, 16, 5, 3), torch.randn(2, 16, 4, 1)
+    calls = []
+    real = torch.ops.ocrkernels.object_attention_eval
+
+    def spy(*args):
+        calls.append([a.dtype for a in args])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.ocrkernels, "object_attention_eval", spy)
+    monkeypatch.setattr(ocrkernels.ops, "resolve_backend", lambda backend, device: "cuda")
+    got = run(block, feats, regions, True)
+    assert len(calls) == 1 and set(calls[0]) == {torch.float32}
+    assert rel_err(got, run(block, feats, regions, False)) < 1e-5
+
+
 def test_opcheck_object_attention_eval():
     block = make_block(16, 8)
     regions = torch.randn(2, 16, 3, 1)
