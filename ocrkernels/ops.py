@@ -39,6 +39,15 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # defines the ocrkernels op schemas.
 LIBRARY_ENV = "OCRKERNELS_LIBRARY"
 
+# OCRKERNELS_CPU_ISA caps the instruction set of the C++ CPU kernels (csrc/ocrkernels/cpu/
+# gemm_kernels.h reads it once, at the first kernel call); a typo there is an error here, at
+# import, rather than a silently ignored setting.
+ISA_ENV = "OCRKERNELS_CPU_ISA"
+_ISA_CAPS = ("baseline", "avx2", "avx512")
+if os.environ.get(ISA_ENV, "") not in ("", *_ISA_CAPS):
+    raise ValueError(f"{ISA_ENV} must be one of {', '.join(_ISA_CAPS)} (or unset), got "
+                     f"{os.environ[ISA_ENV]!r}")
+
 try:  # the compiled op library; its absence leaves the reference path working
     if os.environ.get(LIBRARY_ENV):
         torch.ops.load_library(os.environ[LIBRARY_ENV])

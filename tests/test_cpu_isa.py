@@ -87,3 +87,12 @@ def test_every_instruction_set_gives_the_same_results(tmp_path):
             assert torch.equal(widest[name], avx2[name]), name
         # no FMA on the baseline path: the same values to float32 rounding
         assert rel_err(baseline[name], widest[name]) < 1e-4, name
+
+
+def test_a_bad_cap_is_refused_at_import():
+    env = {**os.environ, "OCRKERNELS_CPU_ISA": "avx3"}
+    proc = subprocess.run([sys.executable, "-c", "import ocrkernels"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "OCRKERNELS_CPU_ISA must be one of baseline, avx2, avx512" in proc.stderr
+    assert "'avx3'" in proc.stderr

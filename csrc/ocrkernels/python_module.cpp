@@ -10,8 +10,9 @@
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   using ocrkernels::cpu::Isa;
   const Isa isa = ocrkernels::cpu::cpu_isa();
-  return PyUnicode_FromString(isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2"
-                                                                                 : "baseline");
+  return PyUnicode_FromString(isa == Isa::avx512 ? "avx512"
+                              : isa == Isa::avx2 ? "avx2"
+                                                 : "baseline");
 }
 
 static PyMethodDef ocrkernels_c_methods[] = {

@@ -49,6 +49,8 @@ inline Isa cpu_isa() {
     }
     const char* cap = std::getenv("OCRKERNELS_CPU_ISA");
     if (cap == nullptr || *cap == 0) return best;
+    // Anything else caps nothing. (No exception here: the first call may come from inside an
+    // OpenMP region; the Python package rejects a bad value at import, ocrkernels/ops.py.)
     const std::string want(cap);
     const Isa limit = want == "baseline" ? Isa::baseline
                       : want == "avx2"   ? Isa::avx2
