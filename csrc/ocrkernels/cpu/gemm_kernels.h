@@ -96,10 +96,11 @@ struct Epilogue {
   bool stream = false;
 };
 
-// Whether rows of Out starting `ldo` floats apart can all take aligned 32-byte stores.
+// Whether rows of Out starting `ldo` floats apart can all take aligned `bytes`-wide stores
+// (32 for AVX2, 64 for AVX-512).
 template <typename T>
-inline bool streamable(const T* Out, int64_t ldo) {
-  return reinterpret_cast<std::uintptr_t>(Out) % 32 == 0 && (ldo * sizeof(T)) % 32 == 0;
+inline bool streamable(const T* Out, int64_t ldo, std::uintptr_t bytes = 32) {
+  return reinterpret_cast<std::uintptr_t>(Out) % bytes == 0 && (ldo * sizeof(T)) % bytes == 0;
 }
 
 template <typename T>
@@ -174,6 +175,15 @@ void gemm_nn_p16_generic(int64_t M, int64_t J, int64_t n, const T* A, int64_t ld
 constexpr int64_t kGroupFloats = 32 * 1024;  // packed strips kept in L2 at a time (128 KiB fp32)
 constexpr int64_t kWholeFloats = 96 * 1024;  // a packed operand up to this size stays in L2 whole
 constexpr int64_t kPackPrefetchRows = 8;     // packing prefetches the row this far ahead
+// Strips of B per group of the NN kernel (nn_p16): sized to stay in L2, or all of them when A is
+// the larger operand and the packed B fits in L2 whole, so that A is streamed once (F against
+// the gather's softmax weights).
+inline int64_t p16_group(int64_t M, int64_t J, int64_t strips) {
+  return M > strips * 16 && strips * J * 16 <= kWholeFloats
+             ? strips
+             : std::max<int64_t>(1, kGroupFloats / (J * 16));
+}
+
 // gemm_nt packs Bm^T for the NN kernel from this many columns of Out up; below (a handful of
 // classes) packing and padding to 16 columns cost more than they save, and dot-product blocks
 // read both operands in place.
@@ -357,13 +367,9 @@ OCR_AVX512 inline void nn_rows512(int64_t rows, int64_t J, const float* A, int64
 OCR_AVX512 inline void nn_p16_avx512(int64_t M, int64_t J, int64_t n, const float* A,
                                      int64_t lda, const float* Bp, int64_t bstrip, float* Out,
                                      int64_t ldo, int64_t ostrip, const Epilogue<float>& ep) {
-  const auto a64 = [](std::uintptr_t v) { return v % 64 == 0; };
-  const bool stream = ep.stream && a64(reinterpret_cast<std::uintptr_t>(Out)) &&
-                      a64(ldo * sizeof(float)) && a64(ostrip * sizeof(float));
+  const bool stream = ep.stream && streamable(Out, ldo, 64) && streamable(Out, ostrip, 64);
   const int64_t strips = (n + 15) / 16;
-  const int64_t group = M > strips * 16 && strips * J * 16 <= kWholeFloats
-                            ? strips
-                            : std::max<int64_t>(1, kGroupFloats / (J * 16));
+  const int64_t group = p16_group(M, J, strips);
   // Rows [i, i + rows) by strips [s, s + ns), ns = 1 or 2.
   auto block = [&](int64_t i, int64_t rows, int64_t s, int64_t ns) {
     const int64_t cols = std::min<int64_t>(16, n - (s + ns - 1) * 16);
@@ -398,11 +404,7 @@ OCR_AVX2 inline void nn_p16(int64_t M, int64_t J, int64_t n, const float* A, int
   if (cpu_has_avx512()) return nn_p16_avx512(M, J, n, A, lda, Bp, bstrip, Out, ldo, ostrip, ep);
   ep.stream = ep.stream && streamable(Out, ldo) && streamable(Out, ostrip);
   const int64_t strips = (n + 15) / 16;
-  // When A is the larger operand and the packed one fits in L2, all strips form one group, so
-  // that A is streamed once (F against the gather's softmax weights).
-  const int64_t group = M > strips * 16 && strips * J * 16 <= kWholeFloats
-                            ? strips
-                            : std::max<int64_t>(1, kGroupFloats / (J * 16));
+  const int64_t group = p16_group(M, J, strips);
   auto rows_from = [&](int64_t i) {
     Epilogue<float> epi = ep;
     if (ep.bias) epi.bias = ep.bias + i;
