@@ -121,17 +121,13 @@ def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None
 
 def _bnn(w: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     """w[b] @ x[b]: per-image (K-column) weights, (B, M, J) x (B, J, N) -> (B, M, N), written
-    into ``out`` when given."""
-    fast = _fast_nn(x)
+    into ``out`` when given; :func:`_nn` image by image."""
+    if x.shape[0] == 1:
+        return _nn(w[0], x, out=out)
     if out is None:
-        if fast and x.shape[0] == 1:
-            return torch.ops.ocrkernels.pixel_matmul(w[0], x)
         out = x.new_empty((x.shape[0], w.shape[1], x.shape[2]))
     for b in range(x.shape[0]):
-        if fast:
-            torch.ops.ocrkernels.pixel_matmul_into(w[b], x[b:b + 1], None, None, out[b:b + 1])
-        else:
-            torch.mm(w[b], x[b], out=out[b])
+        _nn(w[b], x[b:b + 1], out=out[b:b + 1])
     return out
 
 
@@ -146,11 +142,8 @@ def _nt(a: Tensor, y: Tensor) -> Tensor:
 
 
 def _bnt(a: Tensor, y: Tensor) -> Tensor:
-    """a[b] @ y[b]^T per image, (B, M, J)."""
-    if _fast_nn(a):
-        return torch.stack([torch.ops.ocrkernels.pixel_matmul_nt(a[b:b + 1], y[b:b + 1])
-                            for b in range(a.shape[0])])
-    return torch.stack([torch.mm(a[b], y[b].t()) for b in range(a.shape[0])])
+    """a[b] @ y[b]^T per image, (B, M, J): :func:`_nt` image by image."""
+    return torch.stack([_nt(a[b:b + 1], y[b:b + 1]) for b in range(a.shape[0])])
 
 
 class _Forward:
