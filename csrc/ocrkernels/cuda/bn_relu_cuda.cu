@@ -349,27 +349,7 @@ __global__ void __launch_bounds__(kThreads)
   T acc[4][4];
   zero_tile(acc);
   tile_mma(acc, depth, load_a, load_b, As, Bs);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  T* out = partial + int64_t(blockIdx.z) * M * J;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int64_t m = m0 + ty * 4 + r;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = j0 + tx * 4 + c;
-      if (m < M && j < J) out[m * J + j] = acc[r][c];
-    }
-  }
-}
-
-template <typename T>
-__global__ void nt_reduce_kernel(const T* __restrict__ partial, int64_t S, int64_t size,
-                                 T* __restrict__ out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= size) return;
-  T s = partial[i];
-  for (int64_t k = 1; k < S; ++k) s += partial[k * size + i];
-  out[i] = s;
+  store_tile(acc, partial + int64_t(blockIdx.z) * M * J, J, m0, j0, M, J);
 }
 
 at::Tensor pixel_matmul_nt_cuda(const at::Tensor& a_in, const at::Tensor& y_in) {
@@ -395,7 +375,8 @@ at::Tensor pixel_matmul_nt_cuda(const at::Tensor& a_in, const at::Tensor& y_in) 
         a.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), M, J, N, total, split,
         partial.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    nt_reduce_kernel<scalar_t><<<blocks_for(M * J), kThreads, 0, stream>>>(
+    // the S partials summed in split order (the same fixed-order sum as over a batch)
+    batch_order_sum_kernel<scalar_t><<<blocks_for(M * J), kThreads, 0, stream>>>(
         partial.const_data_ptr<scalar_t>(), S, M * J, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -91,6 +91,23 @@ __device__ __forceinline__ void zero_tile(acc_t (&acc)[4][4]) {
     for (int c = 0; c < 4; ++c) acc[r][c] = acc_t(0);
 }
 
+// Stores this thread's 4 x 4 tile of a kTM x kTN block whose top-left element is (r0, c0): the
+// elements inside R rows and C columns, at out[row * ld + col], converted to out_t.
+template <typename acc_t, typename out_t>
+__device__ __forceinline__ void store_tile(const acc_t (&acc)[4][4], out_t* out, int64_t ld,
+                                           int64_t r0, int64_t c0, int64_t R, int64_t C) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t row = r0 + ty * 4 + r;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t col = c0 + tx * 4 + c;
+      if (row < R && col < C) out[row * ld + col] = static_cast<out_t>(acc[r][c]);
+    }
+  }
+}
+
 // out[b] (M x N) = epilogue(A1[b] (M x J1) . X1[b] (J1 x N) + A2[b] (M x J2) . X2[b] (J2 x N)):
 // a 1x1 convolution over a pixel map, or two of them summed (the concat conv split in two,
 // so the concat never exists). A batch stride of 0 shares the weights across the batch.

@@ -102,17 +102,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t acc[4][4];
   zero_tile(acc);
   tile_mma(acc, nb, load_a, load_b, As, Bs);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  acc_t* O = partial + (b * T + j) * C * K;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int64_t c = c0 + ty * 4 + r;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t k = k0 + tx * 4 + q;
-      if (c < C && k < K) O[c * K + k] = acc[r][q];
-    }
-  }
+  store_tile(acc, partial + (b * T + j) * C * K, K, c0, k0, C, K);
 }
 
 template <typename acc_t>
@@ -219,16 +209,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t acc[4][4];
   zero_tile(acc);
   tile_mma(acc, K, load_a, load_b, As, Bs);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int64_t c = c0 + ty * 4 + r;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t n = n0 + tx * 4 + q;
-      if (c < C && n < N) gF[(b * C + c) * N + n] = static_cast<scalar_t>(acc[r][q]);
-    }
-  }
+  store_tile(acc, gF + b * C * N, N, c0, n0, C, N);
 }
 
 template <typename acc_t>
