@@ -59,7 +59,7 @@ from torch.library import triton_op
 from . import interpreter_active, wgrad_chunk
 from . import kernels as K_
 from ..batchnorm import global_stats, reduce_grad_sums
-from .spatial_gather import _kernel_flags, keep_on_cpu, launch, triton_cdiv
+from .spatial_gather import _kernel_flags, check_like, keep_on_cpu, launch, triton_cdiv
 
 __all__ = ["object_attention_train", "train_gemm", "train_attention",
            "train_attention_backward", "train_wgrad", "train_bn_relu",
@@ -546,13 +546,7 @@ def _check_inputs(x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise RuntimeError(f"{where}: {name} must have shape {shape}, got "
                                f"{tuple(getattr(t, 'shape', ()))}")
-    for name, t in dict(w1=w1, keys=keys, **given).items():
-        if t.dtype != x.dtype:
-            raise RuntimeError(f"{where}: every tensor must have the dtype of x ({x.dtype}); "
-                               f"{name} has {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{where}: every tensor must be on the device of x "
-                               f"({x.device}); {name} is on {t.device}")
+    check_like(where, "x", x, dict(w1=w1, keys=keys, **given))
     if len(eps) != 4 or len(groups) != 4:
         raise RuntimeError(f"{where}: eps and groups need one entry per BatchNorm (4), got "
                            f"{len(eps)} and {len(groups)}")

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import kernels as K_
-from .spatial_gather import _kernel_flags, keep_on_cpu, launch, triton_cdiv
+from .spatial_gather import _kernel_flags, check_like, keep_on_cpu, launch, triton_cdiv
 
 __all__ = ["object_attention_eval"]
 
@@ -55,13 +55,7 @@ def _check(feats, query_w1, query_b1, query_w2, query_b2, keys, values, out_w_co
     if feats.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise RuntimeError(f"{where}: dtype must be float32, float64, float16 or bfloat16, got "
                            f"{feats.dtype}")
-    for name, t in given.items():
-        if t.dtype != feats.dtype:
-            raise RuntimeError(f"{where}: every argument must have the dtype of feats "
-                               f"({feats.dtype}); {name} has {t.dtype}")
-        if t.device != feats.device:
-            raise RuntimeError(f"{where}: every argument must be on the device of feats "
-                               f"({feats.device}); {name} is on {t.device}")
+    check_like(where, "feats", feats, given)
 
 
 @triton_op(f"{_NS}::object_attention_eval", mutates_args=())

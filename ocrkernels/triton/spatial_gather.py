@@ -91,6 +91,18 @@ def _check_3d(name: str, t: Tensor, shape: tuple, what: str) -> None:
         raise RuntimeError(f"{_NS}::{what}: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+def check_like(where: str, ref_name: str, ref: Tensor, tensors: dict) -> None:
+    """RuntimeError naming the first of `tensors` (name -> tensor) whose dtype or device differs
+    from `ref`'s: the ops take every argument in one dtype, on one device."""
+    for name, t in tensors.items():
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"{where}: every argument must have the dtype of {ref_name} "
+                               f"({ref.dtype}); {name} has {t.dtype}")
+        if t.device != ref.device:
+            raise RuntimeError(f"{where}: every argument must be on the device of {ref_name} "
+                               f"({ref.device}); {name} is on {t.device}")
+
+
 def _check_gather(probs: Tensor, feats: Tensor, what: str) -> None:
     if probs.dim() != 3 or feats.dim() != 3:
         raise RuntimeError(f"{_NS}::{what}: probs must be (B, K, N) and feats (B, C, N), got "
