@@ -56,6 +56,25 @@ def _project_columns(cbrs: nn.Module, regions: Tensor) -> Tensor:
     return x
 
 
+def up_project(weight: Tensor, value: Tensor) -> Tensor:
+    """out_project's 1x1 conv applied to the K value vectors: weight (C, D), value (B, D, K),
+    the output of value_project's ReLU -> (B, C, K).
+
+    The fused paths use W (A . value) = A . (W value) (associativity), exact in floating point
+    for finite weights. An infinite weight W[c, d] is not: the reference gives W[c, d] * ctx[d]
+    with ctx[d] = sum_k A_k value[d, k], which is +-inf wherever value row d has a positive
+    entry (the attention weights A_k are positive) and NaN (inf * 0) where the row is all 0,
+    while W[c, d] * value[d, k] would be NaN as soon as one entry of the row is 0. So infinite
+    weights act on min(max_k value[d, k], 1) instead, and their result is added to every k: a
+    per-channel constant that the attention passes on unchanged (sum_k A_k = 1). For finite
+    weights this adds exact zeros.
+    """
+    infinite = torch.isinf(weight)
+    finite_part = torch.matmul(torch.where(infinite, 0, weight), value)
+    row_positive = value.amax(-1, keepdim=True).clamp(max=1)  # B, D, 1; NaN stays NaN
+    return finite_part + torch.matmul(torch.where(infinite, weight, 0), row_positive)
+
+
 def _backend(fused: bool) -> str:
     return "auto" if fused else "reference"
 
@@ -164,7 +183,7 @@ class ObjectAttention(nn.Module):
         keys = key.transpose(1, 2) * self.channels ** -0.5  # B, K, D
         # Exact before up's BatchNorm: W_out (A . value) = A . (W_out value). The .to: autocast
         # may have run the matmul in lower precision.
-        values = torch.matmul(up.conv.weight.flatten(1).to(dtype), value).to(dtype)  # B, C, K
+        values = up_project(up.conv.weight.flatten(1).to(dtype), value).to(dtype)  # B, C, K
         w_cat = cat.conv.weight.flatten(1).to(dtype)
         bns = [cbr.bn for cbr in (q1, q2, up, cat)]
         params = [p.to(dtype) for bn in bns for p in (bn.weight, bn.bias)]
@@ -189,7 +208,7 @@ class ObjectAttention(nn.Module):
         keys = (key.transpose(1, 2) * self.channels ** -0.5).contiguous()  # B, K, D
         w_out, b_out = fold_conv_bn(self.out_project, dtype)
         # Exact before the ReLU: out_project(A . value) = A . (W value) + b, as sum_k A_k = 1.
-        values = torch.matmul(w_out, value) + b_out[:, None]  # B, C, K
+        values = up_project(w_out, value) + b_out[:, None]  # B, C, K
         wq1, bq1 = fold_conv_bn(self.query_project[0], dtype)
         wq2, bq2 = fold_conv_bn(self.query_project[1], dtype)
         wb, bb = fold_conv_bn(self.bottleneck, dtype)

@@ -18,7 +18,11 @@ Conventions, shared by every kernel:
       is set: float32/float64 inputs, and bf16 under the interpreter, whose ``tl.dot`` treats
       bf16 (stored as uint16 in numpy) as integers;
     * ``tl.dot`` needs every block dimension >= 16 on the GPU; the interpreter does not check
-      this, :mod:`.aot` does.
+      this, :mod:`.aot` does;
+    * non-finite numbers land where PyTorch puts them (DESIGN §3): every ReLU is
+      ``tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)`` (the default maximum returns 0
+      for NaN, torch.relu returns NaN), and every ReLU gradient mask is ``h <= 0`` -> 0, else
+      the gradient (PyTorch's threshold_backward lets it through where h is NaN).
 """
 
 from __future__ import annotations
@@ -167,7 +171,9 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
                 mask=kmask[:, None] & nmask[None, :], other=float("-inf")).to(ACC) * sc
     big = tl.load(lse + (b * K + offs_k) * 2, mask=kmask, other=0.0)
     log_total = tl.load(lse + (b * K + offs_k) * 2 + 1, mask=kmask, other=0.0)
-    w = tl.exp(x - (big + log_total)[:, None])  # (BLOCK_K, BLOCK_N); 0 where masked
+    # (x - max) - log sum, not x - (max + log sum): the sum would round to the ulp of the
+    # logits' magnitude (1e-3 at 1e4) and every weight with it
+    w = tl.exp((x - big[:, None]) - log_total[:, None])  # (BLOCK_K, BLOCK_N); 0 where masked
     if DOT_UP:
         w_dot = w
     else:
@@ -217,7 +223,7 @@ def gather_softmax_backward(P, lse, T, delta, gP, K, N, stride_pb, stride_pk, st
                 mask=mask, other=float("-inf")).to(ACC) * sc
     big = tl.load(lse + (b * K + offs_k) * 2, mask=kmask, other=0.0)
     log_total = tl.load(lse + (b * K + offs_k) * 2 + 1, mask=kmask, other=0.0)
-    w = tl.exp(x - (big + log_total)[:, None])
+    w = tl.exp((x - big[:, None]) - log_total[:, None])  # as in gather_backward
     d = tl.load(delta + b * K + offs_k, mask=kmask, other=0.0)
     t = tl.load(T + (b * K + offs_k[:, None]) * N + offs_n[None, :], mask=mask,
                 other=0.0).to(ACC)
@@ -270,7 +276,8 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, C, 
             q1 += tl.dot(w.to(ACC), x.to(ACC), input_precision=PRECISION, out_dtype=ACC)
         else:
             q1 += tl.dot(w, x, out_dtype=ACC)
-    q1 = tl.maximum(q1 + tl.load(BQ1 + offs_d, mask=dmask, other=0.0).to(ACC)[:, None], 0.0)
+    q1 = tl.maximum(q1 + tl.load(BQ1 + offs_d, mask=dmask, other=0.0).to(ACC)[:, None], 0.0,
+                    propagate_nan=tl.PropagateNan.ALL)
     if DOT_UP:
         q1_dot = q1
     else:
@@ -290,7 +297,7 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, C, 
         else:
             q2 = tl.dot(w2, q1_dot, out_dtype=ACC)
         q2 = tl.maximum(q2 + tl.load(BQ2 + offs_dd, mask=ddmask, other=0.0).to(ACC)[:, None],
-                        0.0)
+                        0.0, propagate_nan=tl.PropagateNan.ALL)
         if DOT_UP:
             sim += tl.dot(keys.to(ACC), q2, input_precision=PRECISION, out_dtype=ACC)
         else:
@@ -326,15 +333,16 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, C, 
                         mask=cmask[:, None] & nmask[None, :], other=0.0)
             if DOT_UP:
                 ctx = tl.maximum(tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION,
-                                        out_dtype=ACC), 0.0)
+                                        out_dtype=ACC), 0.0, propagate_nan=tl.PropagateNan.ALL)
                 out += tl.dot(wctx.to(ACC), ctx, input_precision=PRECISION, out_dtype=ACC)
                 out += tl.dot(wx.to(ACC), x.to(ACC), input_precision=PRECISION, out_dtype=ACC)
             else:
-                ctx = tl.maximum(tl.dot(vals, att_dot, out_dtype=ACC), 0.0)
+                ctx = tl.maximum(tl.dot(vals, att_dot, out_dtype=ACC), 0.0,
+                                 propagate_nan=tl.PropagateNan.ALL)
                 out += tl.dot(wctx, ctx.to(X.dtype.element_ty), out_dtype=ACC)
                 out += tl.dot(wx, x, out_dtype=ACC)
         out = tl.maximum(out + tl.load(BOUT + offs_co, mask=comask, other=0.0).to(ACC)[:, None],
-                         0.0)
+                         0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(OUT + (b * C + offs_co[:, None]) * N + offs_n[None, :],
                  out.to(OUT.dtype.element_ty), mask=comask[:, None] & nmask[None, :])
 
@@ -368,8 +376,9 @@ def train_gemm(W, Y, ZP, PV, W2, Y2, OUT, ZO, EV, PART, M, J, J2, N, NB,
             1: OUT = z = the product rounded to OUT's dtype, PART[b * NB + blk] = (sum z,
                sum (z - block mean)^2) per channel over the block's pixels (the block's
                moments; the host merges the blocks in block order).
-            2: OUT = g = the product masked by the ReLU of the next stage, bn_relu(ZO) > 0 with
-               EV, PART[...] = (sum g, sum g * (ZO - mean) * invstd) per channel.
+            2: OUT = g = the product masked by the ReLU of the next stage (0 where
+               bn_relu(ZO) <= 0 with EV, NaN passing as in PyTorch), PART[...] = (sum g,
+               sum g * (ZO - mean) * invstd) per channel.
     The per-block partials are pure outputs, each written by one program: deterministic.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -393,7 +402,8 @@ def train_gemm(W, Y, ZP, PV, W2, Y2, OUT, ZO, EV, PART, M, J, J2, N, NB,
             mean = tl.load(PV + offs_j, mask=jmask, other=0.0)
             scale = tl.load(PV + J + offs_j, mask=jmask, other=0.0)
             beta = tl.load(PV + 2 * J + offs_j, mask=jmask, other=0.0)
-            y = tl.maximum((y.to(ACC) - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
+            y = tl.maximum((y.to(ACC) - mean[:, None]) * scale[:, None] + beta[:, None], 0.0,
+                           propagate_nan=tl.PropagateNan.ALL)
         elif PRO == 2:
             z = tl.load(ZP + y_off, mask=ymask, other=0.0).to(ACC)
             mean = tl.load(PV + offs_j, mask=jmask, other=0.0)
@@ -443,7 +453,7 @@ def train_gemm(W, Y, ZP, PV, W2, Y2, OUT, ZO, EV, PART, M, J, J2, N, NB,
         beta = tl.load(EV + 2 * M + offs_m, mask=mmask, other=0.0)
         invstd = tl.load(EV + 3 * M + offs_m, mask=mmask, other=0.0)
         h = (z - mean[:, None]) * scale[:, None] + beta[:, None]
-        gr = tl.where(omask & (h > 0), acc, 0.0).to(OUT.dtype.element_ty)
+        gr = tl.where(omask, tl.where(h <= 0.0, 0.0, acc), 0.0).to(OUT.dtype.element_ty)
         tl.store(OUT + out_off, gr, mask=omask)
         g = gr.to(ACC)
         tl.store(part, tl.sum(g, axis=1), mask=mmask)
@@ -481,7 +491,8 @@ def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
         mean = tl.load(PV + offs_d, mask=dmask, other=0.0)
         scale = tl.load(PV + D + offs_d, mask=dmask, other=0.0)
         beta = tl.load(PV + 2 * D + offs_d, mask=dmask, other=0.0)
-        h = tl.maximum((z - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
+        h = tl.maximum((z - mean[:, None]) * scale[:, None] + beta[:, None], 0.0,
+                       propagate_nan=tl.PropagateNan.ALL)
         keys = tl.load(KEYS + (b * K + offs_k[:, None]) * D + offs_d[None, :],
                        mask=kmask[:, None] & dmask[None, :], other=0.0)
         if DOT_UP:
@@ -619,7 +630,7 @@ def train_wgrad(L, LZ, LV, R, RV, PART, M, J, N, B, chunk, S, per_image,
                          + offs_n[None, :] * stride_rn, mask=rmask, other=0.0)
             if RT == 1:
                 rt = tl.maximum((rt.to(ACC) - r_mean[:, None]) * r_scale[:, None]
-                                + r_beta[:, None], 0.0)
+                                + r_beta[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
                 rt = tl.where(rmask, rt, 0.0)
             if DOT_UP:
                 acc += tl.dot(lt.to(ACC), tl.trans(rt.to(ACC)), input_precision=PRECISION,
@@ -638,7 +649,8 @@ def train_bn(Z, DH, OUT, EV, PART, M, N, NB,
 
     Grid (B * NB, cdiv(M, BLOCK_M)); Z, DH, OUT contiguous (B, M, N), EV packed vectors.
         MODE 0: OUT = bn_relu(Z)                                   (forward output)
-             1: PART[b * NB + blk] = (sum g, sum g * xhat) per channel, g = DH * (bn_relu(Z) > 0)
+             1: PART[b * NB + blk] = (sum g, sum g * xhat) per channel, g = DH where not
+                bn_relu(Z) <= 0 (NaN passes), else 0
              2: OUT = bn_bwd(g, Z)                                 (d z, global sums in EV)
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -655,10 +667,12 @@ def train_bn(Z, DH, OUT, EV, PART, M, N, NB,
     beta = tl.load(EV + 2 * M + offs_m, mask=mmask, other=0.0)
     h = (z - mean[:, None]) * scale[:, None] + beta[:, None]
     if MODE == 0:
-        tl.store(OUT + off, tl.maximum(h, 0.0).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + off, tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                 .to(OUT.dtype.element_ty), mask=mask)
     else:
         invstd = tl.load(EV + 3 * M + offs_m, mask=mmask, other=0.0)
-        g = tl.where(mask & (h > 0), tl.load(DH + off, mask=mask, other=0.0).to(ACC), 0.0)
+        g = tl.where(mask, tl.where(h <= 0.0, 0.0, tl.load(DH + off, mask=mask, other=0.0)
+                                    .to(ACC)), 0.0)
         xhat = (z - mean[:, None]) * invstd[:, None]
         if MODE == 1:
             tl.store(PART + pid * 2 * M + offs_m, tl.sum(g, axis=1), mask=mmask)

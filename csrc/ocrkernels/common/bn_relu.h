@@ -55,12 +55,27 @@ OCR_HD double add_rn(double a, double b) {
 #endif
 }
 
-// Folded conv-BN-ReLU epilogue: acc + bias, then ReLU when asked. (`v < 0 ? 0 : v` keeps -0.0
-// and NaN as they are, as the vectorised epilogues do.)
+// ReLU as PyTorch computes it: NaN stays NaN (torch.relu(nan) is nan), so that a non-finite
+// input surfaces in the output instead of turning into a plausible 0. `v < 0` is false for
+// NaN; fmax / fmaxf and a plain `v > 0 ? v : 0` would return 0 there. -0.0 stays -0.0, which
+// compares equal to PyTorch's +0.0.
 template <typename T>
-OCR_HD T bias_relu(T acc, T bias, bool relu) {
+OCR_HD T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Where the ReLU's backward lets the gradient through: everywhere but v <= 0, NaN included,
+// as PyTorch's threshold_backward (`result <= 0 ? 0 : grad`) does.
+template <typename T>
+OCR_HD bool relu_passes(T v) {
+  return !(v <= T(0));
+}
+
+// Folded conv-BN-ReLU epilogue: acc + bias, then ReLU when asked.
+template <typename T>
+OCR_HD T bias_relu(T acc, T bias, bool relu_on) {
   const T v = acc + bias;
-  return relu && v < T(0) ? T(0) : v;
+  return relu_on ? relu(v) : v;
 }
 
 // Training-mode pre-activation (z - mean) * scale + beta, scale = gamma * invstd.
@@ -71,14 +86,13 @@ OCR_HD T bn_act(T z, T mean, T scale, T beta) {
 
 template <typename T>
 OCR_HD T bn_relu_apply(T z, T mean, T scale, T beta) {
-  const T v = bn_act(z, mean, scale, beta);
-  return v > T(0) ? v : T(0);
+  return relu(bn_act(z, mean, scale, beta));
 }
 
-// The output gradient where the ReLU let the value through, 0 elsewhere.
+// The output gradient where the ReLU let the value through (NaN included), 0 elsewhere.
 template <typename T>
 OCR_HD T bn_relu_masked_grad(T dh, T z, T mean, T scale, T beta) {
-  return bn_act(z, mean, scale, beta) > T(0) ? dh : T(0);
+  return relu_passes(bn_act(z, mean, scale, beta)) ? dh : T(0);
 }
 
 template <typename T>

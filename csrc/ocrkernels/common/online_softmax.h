@@ -64,10 +64,19 @@ OCR_HD SoftmaxStats<acc_t> empty_stats() {
   return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
 }
 
+// The value a block's exponentials exp(x - shift) are taken against: its max, or 0 where the
+// max is -inf. A block whose logits are all -inf (masked pixels) then has weights exp(-inf) = 0
+// and sum 0, not exp(-inf - -inf) = NaN, and the row's other blocks decide its softmax, as in
+// PyTorch. A row that is -inf everywhere still ends as 0 / 0 = NaN, as PyTorch's softmax gives.
+template <typename acc_t>
+OCR_HD acc_t exp_shift(acc_t max) {
+  return max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max;
+}
+
 // Scale factor that brings a partial computed against `block_max` to the common `max`.
 template <typename acc_t>
 OCR_HD acc_t rescale(acc_t block_max, acc_t max) {
-  return exp_acc(block_max - max);
+  return exp_acc(block_max - exp_shift(max));
 }
 
 // Merge `b` into `a` (order matters for the last bits: callers merge in block order).

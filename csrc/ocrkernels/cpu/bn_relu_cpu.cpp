@@ -123,7 +123,7 @@ void grad_sums_row(const T* dh, const T* z, T m, T is, T s, T be, int64_t n, dou
 // (mean, sum of squared deviations) of a row, shifted by its first value for accuracy.
 template <typename T>
 void moments_row(const T* z, int64_t n, double* mean, double* m2) {
-  const T shift = z[0];
+  const T shift = static_cast<T>(moments_shift(z[0]));
   double s1 = 0, s2 = 0;
   for (int64_t i = 0; i < n; i += kBlock) {
     T part[2];

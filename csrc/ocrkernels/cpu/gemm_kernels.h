@@ -249,11 +249,13 @@ OCR_AVX2 inline void nn_tile16(int64_t J, const float* A, int64_t lda, const flo
     }
   }
   if (ep.relu) {
+    // maxps returns its second operand when either is NaN: with the accumulator second, NaN
+    // stays NaN as in torch.relu (relu in common/bn_relu.h), at no extra cost.
     const __m256 zero = _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int r = 0; r < MT; ++r) {
-      acc[r][0] = _mm256_max_ps(acc[r][0], zero);
-      acc[r][1] = _mm256_max_ps(acc[r][1], zero);
+      acc[r][0] = _mm256_max_ps(zero, acc[r][0]);
+      acc[r][1] = _mm256_max_ps(zero, acc[r][1]);
     }
   }
   if (ep.stream) {
@@ -328,9 +330,10 @@ OCR_AVX512 inline void nn_tile512(int64_t J, const float* A, int64_t lda, const 
 #pragma GCC unroll 2
     for (int s = 0; s < NS; ++s) {
       __m512 v = ep.bias ? _mm512_add_ps(acc[r][s], bias) : acc[r][s];
-      // max(v, 0) as _mm256_max_ps computes it (NaN and -0 give +0), without the
-      // _mm512_max_ps wrapper's undefined operand that GCC 12 warns about
-      if (ep.relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), v);
+      // relu(v) of common/bn_relu.h: 0 where v < 0 (an ordered compare, false for NaN), v
+      // elsewhere, so NaN stays NaN; one compare and one masked move, as before. (Not
+      // _mm512_max_ps, whose wrapper's undefined operand GCC 12 warns about.)
+      if (ep.relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
       float* o = Out + s * ostrip + r * ldo;
       const __mmask16 m = s == NS - 1 ? last : __mmask16(0xFFFF);
       if (stream && m == 0xFFFF) _mm512_stream_ps(o, v);

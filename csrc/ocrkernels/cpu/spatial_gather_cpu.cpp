@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& probs, const a
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* x = p_ptr + (b * K + k) * N + n0;
         const acc_t m = std::max(st[k].max, scaled_max(x, s, nb));
-        const acc_t tile_sum = exp_shifted(x, s, m, E + k * kTileN, nb);
+        const acc_t tile_sum = exp_shifted(x, s, exp_shift(m), E + k * kTileN, nb);
         alpha[k] = rescale(st[k].max, m);
         st[k] = merge(st[k], SoftmaxStats<acc_t>{m, tile_sum});
       }

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double red[2 * kThreads];
   const int64_t row = blockIdx.x;
   const T* x = z + row * N;
-  const T shift = x[0];
+  const T shift = static_cast<T>(moments_shift(x[0]));
   double sums[2] = {0.0, 0.0};
   for (int64_t n = threadIdx.x; n < N; n += kThreads) {
     const double d = static_cast<double>(x[n] - shift);

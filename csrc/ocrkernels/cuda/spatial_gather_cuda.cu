@@ -65,7 +65,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     m = warp_max(m);
     acc_t l = 0;
-    for (int64_t n = c0 + lane; n < c1; n += 32) l += exp_acc(s * static_cast<acc_t>(x[n]) - m);
+    const acc_t shift = exp_shift(m);
+    for (int64_t n = c0 + lane; n < c1; n += 32)
+      l += exp_acc(s * static_cast<acc_t>(x[n]) - shift);
     l = warp_sum(l);
     if (lane == 0) {
       smax[(b * T + j) * K + k] = m;
@@ -82,13 +84,13 @@ __global__ void __launch_bounds__(kThreads)
                          const acc_t* __restrict__ smax, acc_t* __restrict__ partial) {
   __shared__ acc_t As[kTK * kTM];
   __shared__ acc_t Bs[kTK * kTN];
-  __shared__ acc_t chunk_max[kTN];
+  __shared__ acc_t chunk_max[kTN];  // the chunk's exp_shift per class
   const int64_t ctiles = ceil_div(C, kTM);
   const int64_t j = blockIdx.x / ctiles, c0 = (blockIdx.x % ctiles) * kTM;
   const int64_t k0 = int64_t(blockIdx.y) * kTN, b = blockIdx.z;
   const int64_t n0 = j * kChunk, nb = (n0 + kChunk < N ? n0 + kChunk : N) - n0;
   if (threadIdx.x < kTN && k0 + threadIdx.x < K)
-    chunk_max[threadIdx.x] = smax[(b * T + j) * K + k0 + threadIdx.x];
+    chunk_max[threadIdx.x] = exp_shift(smax[(b * T + j) * K + k0 + threadIdx.x]);
   __syncthreads();
   const scalar_t* Fb = F + b * C * N + n0;
   const scalar_t* Pb = P + b * K * N + n0;
