@@ -29,6 +29,8 @@ C=512, D=256, K=19):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,14 @@ __all__ = ["object_attention_train"]
 
 def _col(v: Tensor) -> Tensor:
     return v[:, None]
+
+
+def autocast_off(device: torch.device):
+    """A context that runs its body outside autocast on `device` (the chain keeps the dtype it
+    is given); nothing to switch off on devices without autocast (meta: shape inference)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # The CUDA twins of the BatchNorm-ReLU passes (csrc/ocrkernels/cuda), where built. The GEMMs
@@ -172,7 +182,7 @@ class _ObjectAttentionTrain(torch.autograd.Function):
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b4,
                 eps, groups, recompute):
         # The chain runs in the dtype it is given (float32/float64), also under autocast.
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             return _ObjectAttentionTrain._forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values,
                                                   g3, b3, wc, wx, g4, b4, eps, groups,
                                                   recompute)
@@ -217,7 +227,7 @@ class _ObjectAttentionTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        with torch.autocast(dout.device.type, enabled=False):
+        with autocast_off(dout.device):
             return _ObjectAttentionTrain._backward(ctx, dout)
 
     @staticmethod

@@ -16,6 +16,11 @@ Backends:
 The environment variable ``OCRKERNELS_BACKEND`` replaces ``auto`` (an explicit ``backend=``
 argument other than ``auto`` always wins). Asking for a backend that is not available raises
 a :class:`RuntimeError` that says why.
+
+Meta tensors (shape inference without data) carry no numbers, so every backend name resolves
+to ``reference`` on them: the same output shapes and dtypes, whatever backend the real call
+would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
+dispatch, through the ops' registered fake implementations.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "meta":
+        return "reference"
     if backend == "auto":
         return available_backends(device)[0]
     reason = _unavailable_reason(backend, device)

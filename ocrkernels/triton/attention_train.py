@@ -58,6 +58,7 @@ from torch.library import triton_op
 
 from . import interpreter_active, wgrad_chunk
 from . import kernels as K_
+from ..attention_train import autocast_off
 from ..batchnorm import global_stats, reduce_grad_sums
 from .spatial_gather import _kernel_flags, check_like, keep_on_cpu, launch, triton_cdiv
 
@@ -421,7 +422,7 @@ class _ObjectAttentionTrainTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b4,
                 eps, groups, recompute):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             return _ObjectAttentionTrainTriton._forward(
                 ctx, x, w1, g1, b1, w2, g2, b2, keys, values, g3, b3, wc, wx, g4, b4, eps,
                 groups, recompute)
@@ -467,7 +468,7 @@ class _ObjectAttentionTrainTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        with torch.autocast(dout.device.type, enabled=False):
+        with autocast_off(dout.device):
             return _ObjectAttentionTrainTriton._backward(ctx, dout)
 
     @staticmethod
