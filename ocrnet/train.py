@@ -25,6 +25,9 @@ What one run does (DESIGN.md section 4):
 * Console: one line per ``log_interval`` with a progress bar, losses, lr, speed and ETA (also
   appended to ``train.log``); ``metrics.jsonl``: one JSON object per logged iteration
   (``"mode": "train"``) and per validation (``"mode": "val"``, :func:`ocrnet.evaluate.evaluate`).
+* A non-finite loss or gradient ends the run with a FloatingPointError before the update
+  (nothing is saved after it), or is skipped, up to ``skip_nonfinite`` times
+  (:class:`TrainOptions`).
 
 The work directory defaults to ``work_dirs/<config name>`` (relative to the current
 directory). Configs are the registered names (:func:`ocrnet.list_configs`), the small synthetic
@@ -274,6 +277,22 @@ class TrainOptions:
             4000 of 40k); 0: only at the end. keep_checkpoints: newest kept (0: all).
         log_interval: iterations per console line and ``metrics.jsonl`` row.
         grad_clip: max global gradient L2 norm (None: no clipping, as mmseg's OCRNet).
+        skip_nonfinite: how many steps with a non-finite loss or gradient the run may skip. 0:
+            the first one ends the run with a FloatingPointError that names the iteration
+            (1-based, as the log lines count), the rank(s), whether the loss or a gradient was
+            non-finite, and the last checkpoint written or resumed from, which stays on disk
+            (nothing is saved after the bad step). n > 0: up to n such steps in the whole run
+            (the count is kept in the checkpoints across ``resume``) are skipped, the (n+1)-th
+            fails as above. A skipped step leaves the model, its BatchNorm running statistics
+            and the optimiser (momentum) as they were before it, and its batch is dropped; it
+            still counts as an iteration, so the learning rate schedule, the data order and the
+            checkpoint / log / validation intervals go on as if it had run. Each skip is a
+            ``WARNING`` line in the log and counted in the ``skipped`` field of the
+            ``metrics.jsonl`` train rows (steps skipped since the previous row; the field is
+            there when n > 0), whose losses average the steps that were not skipped. Gradients
+            are checked only without an fp16 gradient scaler (``amp="fp16"``), which skips
+            inf/NaN-gradient steps by itself and lowers its scale; the loss is checked in every
+            mode.
         num_workers: DataLoader worker processes per rank.
         device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
         threads: ``torch.set_num_threads`` (None: torch's default).
@@ -302,6 +321,7 @@ class TrainOptions:
     keep_checkpoints: int = 3
     log_interval: int = 10
     grad_clip: float | None = None
+    skip_nonfinite: int = 0
     num_workers: int = 2
     device: str = "auto"
     threads: int | None = None
@@ -321,7 +341,7 @@ class TrainOptions:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainOptions: device must be 'auto', 'cpu' or 'cuda', got "
                              f"{self.device!r}")
-        for name in ("keep_checkpoints", "num_workers"):
+        for name in ("keep_checkpoints", "num_workers", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainOptions: {name} must be >= 0, got "
                                  f"{getattr(self, name)}")
@@ -630,10 +650,12 @@ class _Log:
         self.text = work_dir / "train.log"
         self.jsonl = work_dir / "metrics.jsonl"
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, echo: bool = True) -> None:
+        """Append ``text`` to ``train.log``; also print it when ``echo`` (and the console is
+        on)."""
         if not self.enabled:
             return
-        if self.console:
+        if self.console and echo:
             print(text, flush=True)
         with open(self.text, "a", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -683,7 +705,7 @@ class Trainer:
         {"format": "ocrnet", "version": 1,
          "state_dict": model weights and buffers (CPU tensors),
          "meta": {"config": name, "config_dict": ..., "iteration": t, "max_iters": T,
-                  "seed": s, "world_size": W, "amp": ...},
+                  "seed": s, "world_size": W, "amp": ..., "skipped_nonfinite": n},
          "optimizer": SGD state_dict, "scheduler": {"type": "poly", "iteration": t, "lr": ...},
          "scaler": GradScaler state_dict or None, "rng": [per-rank generator states]}
 
@@ -741,6 +763,8 @@ class Trainer:
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.amp)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=opts.amp == "fp16")
         self.start_iter = 0
+        self.last_checkpoint: Path | None = None  # the newest one written or resumed from
+        self.skipped = 0  # non-finite steps skipped in the whole run (see skip_nonfinite)
         self._resume()
         # Runtime randomness (dropout, ...) differs per rank, as it would on separate GPUs;
         # a resumed run has just restored the saved states instead.
@@ -777,6 +801,8 @@ class Trainer:
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_iter = int(meta["iteration"])
+        self.last_checkpoint = path
+        self.skipped = int(meta.get("skipped_nonfinite", 0))
         # A time budget may have shortened the schedule: keep that length unless the config's
         # own length was changed for the resumed run (extending a finished run).
         saved_iters = (saved_cfg or {}).get("schedule", {}).get("iterations")
@@ -822,6 +848,8 @@ class Trainer:
         """Checkpoint after ``iteration`` completed iterations (collective: every rank calls
         it; rank 0 writes). Returns the path on rank 0."""
         states = self._gather_rng()
+        # Every rank knows the path, for the non-finite error message.
+        self.last_checkpoint = self.work_dir / f"iter_{iteration:06d}.pth"
         if self.dist.rank != 0:
             return None
         cfg = self.config
@@ -831,14 +859,15 @@ class Trainer:
             "meta": {"config": cfg.name, "config_dict": json.loads(json.dumps(cfg.to_dict())),
                      "iteration": iteration, "max_iters": self.max_iters,
                      "seed": self.options.seed, "world_size": self.dist.world,
-                     "amp": self.options.amp, "time": time.time()},
+                     "amp": self.options.amp, "skipped_nonfinite": self.skipped,
+                     "time": time.time()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"type": "poly", "iteration": iteration,
                           "lr": self.optimizer.param_groups[0]["lr"]},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": states,
         }
-        path = save_training_checkpoint(self.work_dir / f"iter_{iteration:06d}.pth", payload)
+        path = save_training_checkpoint(self.last_checkpoint, payload)
         _prune(self.work_dir, self.options.keep_checkpoints)
         return path
 
@@ -903,8 +932,12 @@ class Trainer:
         val_every = self._interval(opts.val_interval)
         data = iter(self._loader())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # With fp16 the GradScaler finds inf/NaN gradients itself and skips those steps
+        # (overflows of the scaled gradients are expected there): only the loss is checked.
+        check_grads = not self.scaler.is_enabled()
         start = time.perf_counter()
         window_t, window_data, window_n = start, 0.0, 0
+        window_good, window_skipped = 0, 0
         # The time budget's speed checks: the schedule may shrink and grow back, up to its
         # length at the start of the run.
         budget_ceiling, cal_iter, cal_time = self.max_iters, self.start_iter, start
@@ -922,23 +955,37 @@ class Trainer:
             window_data += time.perf_counter() - t0
             images = images.to(d.device, non_blocking=True)
             labels = labels.to(d.device, non_blocking=True)
+            # The forward updates the BatchNorm running statistics, with NaN from a bad batch:
+            # a copy to restore if this step is skipped.
+            buffers = ({n: b.clone() for n, b in self.model.named_buffers()}
+                       if opts.skip_nonfinite else None)
             with torch.autocast(d.device.type, dtype=self.amp_dtype,
                                 enabled=self.amp_dtype is not None):
                 losses = self.wrapped(images, labels)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"train: loss is {loss.item()} at iteration {t} "
-                                         f"(rank {d.rank}); lower schedule.lr or use grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
+            # Backward also for a non-finite loss: under DDP every rank must join the gradient
+            # all-reduce before the ranks agree on the step (_nonfinite).
             self.scaler.scale(loss).backward()
             grad_norm = None
-            if opts.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = float(nn.utils.clip_grad_norm_(params, opts.grad_clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            sums += torch.stack([losses[k].detach().double().cpu()
-                                 for k in ("loss", "loss_aux", "loss_ocr")])
+            bad = self._nonfinite(loss, params if check_grads else None)
+            if bad is not None:
+                self._bad_step(t, loss, *bad)  # raises unless the step may be skipped
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for n, b in self.model.named_buffers():
+                        b.copy_(buffers[n])
+                window_skipped += 1
+            else:
+                if opts.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = float(nn.utils.clip_grad_norm_(params, opts.grad_clip))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                sums += torch.stack([losses[k].detach().double().cpu()
+                                     for k in ("loss", "loss_aux", "loss_ocr")])
+                window_good += 1
+            del buffers
             window_n += 1
             t += 1
             if opts.time_budget is not None and (t - self.start_iter) % opts.calibration_iters == 0:
@@ -946,10 +993,12 @@ class Trainer:
                 self._calibrate(t, now - start, t - cal_iter, now - cal_time, budget_ceiling)
                 cal_iter, cal_time = t, now
             if t % opts.log_interval == 0 or t == self.max_iters:
-                last = self._log_train(t, lr, sums, window_n, window_data,
-                                       time.perf_counter() - window_t, start, grad_norm)
+                last = self._log_train(t, lr, sums, window_n, window_good, window_skipped,
+                                       window_data, time.perf_counter() - window_t, start,
+                                       grad_norm)
                 sums.zero_()
                 window_t, window_data, window_n = time.perf_counter(), 0.0, 0
+                window_good, window_skipped = 0, 0
             if (ckpt_every and t % ckpt_every == 0) or t == self.max_iters:
                 path = self.save(t)
                 if path is not None:
@@ -965,11 +1014,75 @@ class Trainer:
                 "it_per_s": done / seconds if seconds > 0 else math.nan,
                 "last_losses": last, "val": val, "work_dir": str(self.work_dir)}
 
-    def _log_train(self, t: int, lr: float, sums: Tensor, n: int, data_time: float,
-                   window: float, start: float, grad_norm: float | None) -> dict[str, float]:
-        """Average the window's losses over iterations and processes; one console line and
-        one metrics row (rank 0)."""
-        mean = sums / n
+    def _nonfinite(self, loss: Tensor,
+                   params: list[nn.Parameter] | None) -> tuple[list[int], list[int]] | None:
+        """None if the loss (and, with ``params``, every gradient) is finite on every rank;
+        else (ranks with a non-finite loss, ranks with a non-finite gradient). Collective
+        under DDP, so that every rank takes the same decision."""
+        d = self.dist
+        flags = torch.zeros(d.world, 2, device=d.device)  # float: nccl and gloo reduce it
+        flags[d.rank, 0] = ~torch.isfinite(loss.detach())
+        grads = [p.grad for p in params or () if p.grad is not None]
+        if grads:
+            # One fused op instead of an isfinite per tensor (about 100x faster on the CPU):
+            # a NaN/inf element makes its tensor's L2 norm NaN/inf. DDP has all-reduced the
+            # gradients, so the flag agrees across ranks; it goes in the same collective.
+            flags[d.rank, 1] = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        if d.world > 1:
+            dist.all_reduce(flags)
+        flags = flags.cpu()
+        if flags[:, 1].any() and not _nonfinite_grads(self.model):
+            # The squares of finite gradients above ~1e19 overflow the norm: not a bad step.
+            # The gradients are identical on every rank, so is this decision.
+            flags[:, 1] = 0
+        if not flags.any():
+            return None
+        return ([r for r in range(d.world) if flags[r, 0]],
+                [r for r in range(d.world) if flags[r, 1]])
+
+    def _bad_step(self, t: int, loss: Tensor, loss_ranks: list[int],
+                  grad_ranks: list[int]) -> None:
+        """A non-finite loss or gradient at 0-based iteration ``t`` (the same on every rank):
+        count and log a skip while ``options.skip_nonfinite`` allows, else raise
+        FloatingPointError. Messages number iterations 1-based, as the log lines do."""
+        d, limit = self.dist, self.options.skip_nonfinite
+        what = "loss" if loss_ranks else "gradient"
+        ranks = loss_ranks or grad_ranks
+        where = (f"iteration {t + 1}/{self.max_iters} (1-based) on rank"
+                 f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}")
+        if loss_ranks and d.rank in loss_ranks:
+            where += f" (loss {loss.item()})"
+        elif not loss_ranks:
+            names = _nonfinite_grads(self.model)
+            if names:
+                where += (f" ({len(names)} parameter gradient{'s' if len(names) > 1 else ''}, "
+                          f"first {names[0]})")
+        if self.skipped < limit:
+            self.skipped += 1
+            self.log.line(f"WARNING: non-finite {what} at {where}: step skipped, model "
+                          f"unchanged ({self.skipped} of at most {limit} skips)")
+            return
+        if d.world > 1:
+            where += f", raised on rank {d.rank}"
+        ckpt = (f"the last good checkpoint is {self.last_checkpoint} (kept; --resume continues "
+                f"from it)" if self.last_checkpoint is not None else
+                "no checkpoint has been saved yet")
+        steps = "1 non-finite step was" if self.skipped == 1 else \
+            f"{self.skipped} non-finite steps were"
+        limit_text = (f"; {steps} skipped already, the limit train.skip_nonfinite={limit}"
+                      if limit else "")
+        msg = (f"train: non-finite {what} at {where}{limit_text}; stopped before the update, "
+               f"{ckpt}. Lower schedule.lr, set train.grad_clip, check the data, or set "
+               f"train.skip_nonfinite=N to skip up to N such steps")
+        self.log.line(f"ERROR: {msg}", echo=False)
+        raise FloatingPointError(msg)
+
+    def _log_train(self, t: int, lr: float, sums: Tensor, n: int, good: int, skipped: int,
+                   data_time: float, window: float, start: float,
+                   grad_norm: float | None) -> dict[str, float]:
+        """Average the window's losses over its ``good`` (not skipped) iterations and over
+        processes; one console line and one metrics row (rank 0)."""
+        mean = sums / good if good else torch.full_like(sums, math.nan)
         if self.dist.world > 1:
             # float64 (gloo and nccl both reduce it); each rank's loss is a local mean, and
             # nccl only reduces tensors on the GPU.
@@ -984,6 +1097,8 @@ class Trainer:
                "loss_ocr": ocr, "time": window / n, "data_time": data_time / n}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
+        if self.options.skip_nonfinite:
+            row["skipped"] = skipped
         if self.dist.device.type == "cuda":
             row["memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.log.row(row)
@@ -991,8 +1106,14 @@ class Trainer:
         self.log.line(f"{t:>{width}}/{self.max_iters} {_bar(t, self.max_iters)} "
                       f"{100 * t / self.max_iters:3.0f}%  loss {loss:.4f} (aux {aux:.4f} ocr "
                       f"{ocr:.4f})  lr {lr:.2e}  {speed:.2f} it/s  data {data_time / n:.3f}s  "
-                      f"eta {_hms(eta)}")
+                      f"eta {_hms(eta)}" + (f"  skipped {skipped}" if skipped else ""))
         return {"loss": loss, "loss_aux": aux, "loss_ocr": ocr}
+
+
+def _nonfinite_grads(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or inf."""
+    return [n for n, p in model.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
 def train(config: str | Config, options: TrainOptions | None = None,
@@ -1012,7 +1133,8 @@ def _main_for_cli(args) -> int:
                            device=args.device)
     try:
         result = train(args.config, options, args.set or ())
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointInvalid) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointInvalid,
+            FloatingPointError) as exc:
         print(f"ocrnet train: error: {exc}", file=sys.stderr)
         return 1
     val = result["val"]

@@ -1,5 +1,6 @@
 """ocrnet.train: poly lr, DDP = one process with SyncBN, bit-exact kill-and-resume, checkpoint
-validation and atomic writes, the evaluation metric, config overrides.
+validation and atomic writes, non-finite steps (fail or skip), the evaluation metric, config
+overrides.
 
 Every run trains the tiny synthetic config (HRNet w8_tiny, 32x64 images, batch 4) on the CPU
 with one thread, so that in-process runs, subprocesses and torchrun ranks do the same float
@@ -8,6 +9,7 @@ operations in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +29,8 @@ from conftest import REPO
 
 from ocrnet.configs.schema import ScheduleConfig
 from ocrnet.evaluate import IoUMetric
-from ocrnet.train import (SYNTHETIC_CONFIGS, CheckpointInvalid, GlobalBatchSampler,
+import ocrnet.train
+from ocrnet.train import (SYNTHETIC_CONFIGS, CheckpointInvalid, GlobalBatchSampler, Trainer,
                           TrainOptions, apply_overrides, find_resume_checkpoint,
                           load_training_checkpoint, poly_lr, save_training_checkpoint, train)
 
@@ -53,6 +56,11 @@ def losses(work_dir) -> list[float]:
 def final_state(work_dir) -> dict:
     ckpts = sorted(Path(work_dir).glob("iter_*.pth"))
     return load_training_checkpoint(ckpts[-1])
+
+
+def rows(work_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(work_dir, "metrics.jsonl").read_text().split("\n")
+            if line and json.loads(line)["mode"] == "train"]
 
 
 def free_port() -> int:
@@ -280,16 +288,216 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert load_training_checkpoint(path)["meta"]["iteration"] == 2
 
 
+# -- non-finite loss or gradient -------------------------------------------------------------------
+
+def add_nan_hooks(trainer, feats_at=(), grad_at=(), logits_at=(), rank=None):
+    """NaN into one element of the fused OCR head's input at the 1-based iterations
+    ``feats_at``, of its output at ``logits_at`` (past its BatchNorms, which SyncBN would
+    spread a NaN from), and of the classifier's weight gradient at ``grad_at``; on ``rank``
+    only, if given. Validation is off in these runs: the head runs once per iteration."""
+    head = trainer.model.ocr_head
+    assert head.fused
+    calls = {"forward": 0, "backward": 0}
+    here = rank is None or trainer.dist.rank == rank
+
+    def pre_hook(module, args):
+        calls["forward"] += 1
+        if here and calls["forward"] in feats_at:
+            feats = args[0].clone()  # not in place: the aux head saved the same tensor
+            feats[0, 0, 0, 0] = float("nan")
+            return (feats, *args[1:])
+
+    def hook(module, args, out):
+        if here and calls["forward"] in logits_at:
+            out = out.clone()
+            out[0, 0, 0, 0] = float("nan")
+            return out
+
+    def grad_hook(grad):
+        calls["backward"] += 1
+        if here and calls["backward"] in grad_at:
+            grad = grad.clone()
+            grad[0, 0] = float("nan")
+            return grad
+
+    head.register_forward_pre_hook(pre_hook)
+    head.register_forward_hook(hook)
+    head.conv_seg.weight.register_hook(grad_hook)
+
+
+def nan_trainer(work, iters, feats_at=(), grad_at=(), **kw) -> Trainer:
+    """A Trainer of TINY for ``iters`` iterations with :func:`add_nan_hooks`."""
+    cfg, o = apply_overrides(SYNTHETIC_CONFIGS[TINY], opts(work, **kw),
+                             [f"schedule.iterations={iters}"])
+
+    class NaNTrainer(Trainer):
+        def _setup(self):
+            super()._setup()
+            add_nan_hooks(self, feats_at, grad_at)
+
+    return NaNTrainer(cfg, o)
+
+
+def all_finite(state_dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state_dict.values()
+               if v.is_floating_point())
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    work = tmp_path / "run"
+    written = {}
+    save = ocrnet.train.save_training_checkpoint
+
+    def recording_save(path, payload):  # what each checkpoint held when it was written
+        written[Path(path).name] = {k: v.clone() for k, v in payload["state_dict"].items()}
+        return save(path, payload)
+
+    monkeypatch.setattr(ocrnet.train, "save_training_checkpoint", recording_save)
+    trainer = nan_trainer(work, 6, feats_at=(5,), checkpoint_interval=2)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.run()
+    msg = str(info.value)
+    assert "non-finite loss at iteration 5/6 (1-based) on rank 0 (loss nan)" in msg, msg
+    assert f"the last good checkpoint is {work / 'iter_000004.pth'} (kept" in msg, msg
+    assert "train.skip_nonfinite=N" in msg
+    # Nothing written after the bad step, nothing lost before it.
+    assert sorted(written) == ["iter_000002.pth", "iter_000004.pth"]
+    assert sorted(p.name for p in work.glob("iter_*")) == [
+        "iter_000002.pth", "iter_000002.pth.sha256", "iter_000004.pth",
+        "iter_000004.pth.sha256"]
+    path, ckpt = find_resume_checkpoint(work)
+    assert path.name == "iter_000004.pth" and ckpt["meta"]["iteration"] == 4
+    assert all_finite(ckpt["state_dict"])
+    assert ckpt["state_dict"].keys() == written["iter_000004.pth"].keys()
+    for k, v in written["iter_000004.pth"].items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    assert [r["iter"] for r in rows(work)] == [1, 2, 3, 4]
+    assert "ERROR: train: non-finite loss at iteration 5/6" in (work / "train.log").read_text()
+    # The run continues from that checkpoint.
+    result = train(str(work / "config.json"), opts(work, resume=True, checkpoint_interval=2))
+    assert result["iterations"] == 6 and all_finite(final_state(work)["state_dict"])
+
+
+def test_skip_nonfinite_skips_bad_steps_up_to_the_limit(tmp_path):
+    work = tmp_path / "skip"
+    nan_trainer(work, 5, feats_at=(3,), skip_nonfinite=1, checkpoint_interval=1,
+                keep_checkpoints=0).run()
+    before, after = (load_training_checkpoint(work / f"iter_00000{i}.pth") for i in (2, 3))
+    # The skipped step changed nothing: weights, BatchNorm buffers (num_batches_tracked
+    # included), momentum.
+    for k, v in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][k], v), k
+    for sa, sb in zip(after["optimizer"]["state"].values(),
+                      before["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert after["meta"]["skipped_nonfinite"] == 1
+    last = final_state(work)
+    assert last["meta"]["iteration"] == 5 and all_finite(last["state_dict"])
+    assert not torch.equal(last["state_dict"]["decode_head.1.conv_seg.weight"],
+                           after["state_dict"]["decode_head.1.conv_seg.weight"])
+    r = rows(work)
+    assert [x["skipped"] for x in r] == [0, 0, 1, 0, 0]
+    assert math.isnan(r[2]["loss"]) and all(math.isfinite(x["loss"]) for x in r if x["iter"] != 3)
+    # The skipped iteration still counts: the poly schedule goes on.
+    s = dataclasses.replace(SYNTHETIC_CONFIGS[TINY].schedule, iterations=5)
+    assert [x["lr"] for x in r] == [pytest.approx(poly_lr(t, s)) for t in range(5)]
+    log = (work / "train.log").read_text()
+    assert "WARNING: non-finite loss at iteration 3/5 (1-based) on rank 0" in log
+    assert "step skipped, model unchanged (1 of at most 1 skips)" in log
+
+    # A second bad step is one too many.
+    work = tmp_path / "limit"
+    with pytest.raises(FloatingPointError) as info:
+        nan_trainer(work, 5, feats_at=(2, 4), skip_nonfinite=1, checkpoint_interval=1).run()
+    msg = str(info.value)
+    assert "non-finite loss at iteration 4/5 (1-based) on rank 0" in msg, msg
+    assert "1 non-finite step was skipped already, the limit train.skip_nonfinite=1" in msg
+    assert str(work / "iter_000003.pth") in msg
+    assert max(p.name for p in work.glob("iter_*.pth")) == "iter_000003.pth"
+    assert all_finite(final_state(work)["state_dict"])
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_nonfinite_gradient_is_caught(tmp_path, skip):
+    """A NaN that reaches a gradient only (the loss is finite)."""
+    work = tmp_path / "grad"
+    trainer = nan_trainer(work, 3, grad_at=(2,), skip_nonfinite=skip)
+    if not skip:
+        with pytest.raises(FloatingPointError) as info:
+            trainer.run()
+        msg = str(info.value)
+        assert ("non-finite gradient at iteration 2/3 (1-based) on rank 0 (1 parameter "
+                "gradient, first decode_head.1.conv_seg.weight)") in msg, msg
+        assert "no checkpoint has been saved yet" in msg
+        assert not list(work.glob("iter_*"))
+        return
+    trainer.run()
+    r = rows(work)
+    assert [x["skipped"] for x in r] == [0, 1, 0]
+    # A row's loss averages the steps that were applied: none in the second one.
+    assert math.isfinite(r[0]["loss"]) and math.isnan(r[1]["loss"]) and math.isfinite(r[2]["loss"])
+    assert all_finite(final_state(work)["state_dict"])
+    assert "WARNING: non-finite gradient at iteration 2/3" in (work / "train.log").read_text()
+
+
+def test_two_processes_agree_on_a_nonfinite_loss_of_one_rank(tmp_path):
+    """Under DDP a NaN loss on rank 1 only is skipped on both ranks, and the next one, past
+    the limit, stops both (neither waits in a collective for the other). Each rank writes its
+    error to a file and exits normally: torchrun stops the other ranks when one fails."""
+    script = tmp_path / "nan_ddp.py"
+    script.write_text(f'''
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ocrnet.train import SYNTHETIC_CONFIGS, Trainer, TrainOptions, apply_overrides
+from test_ocrnet_train import add_nan_hooks
+
+class NaNTrainer(Trainer):
+    def _setup(self):
+        super()._setup()
+        add_nan_hooks(self, logits_at=(2, 4), rank=1)
+
+cfg, o = apply_overrides(SYNTHETIC_CONFIGS[{TINY!r}], TrainOptions(
+    work_dir=sys.argv[1], device="cpu", num_workers=0, threads=1, log_interval=1,
+    checkpoint_interval=1, validate=False, progress=False, synthetic_train_length=64,
+    skip_nonfinite=1), ["schedule.iterations=5", "data.batch_per_gpu=2"])
+trainer = NaNTrainer(cfg, o)
+try:
+    trainer.run()
+except FloatingPointError as exc:
+    with open(f"{{sys.argv[1]}}.rank{{trainer.dist.rank}}.err", "w") as f:
+        f.write(str(exc))
+''')
+    work = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(work)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        msg = Path(f"{work}.rank{rank}.err").read_text()
+        assert "non-finite loss at iteration 4/5 (1-based) on rank 1" in msg, msg
+        assert f"raised on rank {rank}; 1 non-finite step was skipped already" in msg, msg
+    log = (work / "train.log").read_text()
+    assert "WARNING: non-finite loss at iteration 2/5 (1-based) on rank 1" in log
+    assert max(p.name for p in work.glob("iter_*.pth")) == "iter_000003.pth"
+    last = final_state(work)
+    assert last["meta"]["skipped_nonfinite"] == 1 and all_finite(last["state_dict"])
+    first = load_training_checkpoint(work / "iter_000001.pth")
+    second = load_training_checkpoint(work / "iter_000002.pth")
+    for k, v in first["state_dict"].items():  # the skipped step changed nothing
+        assert torch.equal(second["state_dict"][k], v), k
+
+
 # -- options, evaluation -----------------------------------------------------------------------
 
 def test_overrides_and_errors():
     cfg, o = apply_overrides(SYNTHETIC_CONFIGS[TINY], TrainOptions(),
                              ["schedule.lr=1", "data.crop_size=[16, 32]",
                               "model.aux_head.loss_weight=0.5", "train.grad_clip=2",
-                              "keep_checkpoints=1"])
+                              "keep_checkpoints=1", "train.skip_nonfinite=2"])
     assert cfg.schedule.lr == 1.0 and isinstance(cfg.schedule.lr, float)
     assert cfg.data.crop_size == (16, 32) and cfg.model.aux_head.loss_weight == 0.5
-    assert o.grad_clip == 2 and o.keep_checkpoints == 1
+    assert o.grad_clip == 2 and o.keep_checkpoints == 1 and o.skip_nonfinite == 2
     with pytest.raises(ValueError, match="schedule.lrr"):
         apply_overrides(cfg, o, ["schedule.lrr=1"])
     with pytest.raises(ValueError, match="schedule.iterations: expected int"):
@@ -298,6 +506,8 @@ def test_overrides_and_errors():
         apply_overrides(cfg, o, ["schedule.lr"])
     with pytest.raises(ValueError, match="amp"):
         TrainOptions(amp="fp8")
+    with pytest.raises(ValueError, match="skip_nonfinite must be >= 0"):
+        TrainOptions(skip_nonfinite=-1)
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
         train(TINY, TrainOptions(amp="fp16", device="cpu"))
 
