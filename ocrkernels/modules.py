@@ -8,8 +8,11 @@ the prefix is stripped.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops, reference
 from .attention_train import object_attention_train
@@ -56,6 +59,13 @@ def _project_columns(cbrs: nn.Module, regions: Tensor) -> Tensor:
     return x
 
 
+def _reads_values_cheaply(t: Tensor) -> bool:
+    """True for a real CPU tensor in eager mode, where reading a value back costs neither a
+    device sync nor a graph break (not under torch.compile, not a fake or meta tensor)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not is_fake(t))
+
+
 def up_project(weight: Tensor, value: Tensor) -> Tensor:
     """out_project's 1x1 conv applied to the K value vectors: weight (C, D), value (B, D, K),
     the output of value_project's ReLU -> (B, C, K).
@@ -66,13 +76,18 @@ def up_project(weight: Tensor, value: Tensor) -> Tensor:
     entry (the attention weights A_k are positive) and NaN (inf * 0) where the row is all 0,
     while W[c, d] * value[d, k] would be NaN as soon as one entry of the row is 0. So infinite
     weights act on min(max_k value[d, k], 1) instead, and their result is added to every k: a
-    per-channel constant that the attention passes on unchanged (sum_k A_k = 1). For finite
-    weights this adds exact zeros.
+    per-channel constant that the attention passes on unchanged (sum_k A_k = 1).
     """
-    infinite = torch.isinf(weight)
-    finite_part = torch.matmul(torch.where(infinite, 0, weight), value)
+    # The usual case, a finite weight (one sum tells), takes the plain product where that
+    # check is free; elsewhere the split below, which is exact for every weight.
+    if _reads_values_cheaply(weight) and math.isfinite(weight.detach().sum().item()):
+        return torch.matmul(weight, value)
+    finite = torch.nan_to_num(weight, nan=float("nan"), posinf=0.0, neginf=0.0)
     row_positive = value.amax(-1, keepdim=True).clamp(max=1)  # B, D, 1; NaN stays NaN
-    return finite_part + torch.matmul(torch.where(infinite, weight, 0), row_positive)
+    infinite = torch.where(torch.isinf(weight), weight, 0)
+    # For a finite weight the first product is the plain path's, bit for bit, and the second
+    # adds exact zeros, to the output and to the weight's gradient: eager and compiled agree.
+    return torch.matmul(finite, value) + torch.matmul(infinite, row_positive)
 
 
 def _backend(fused: bool) -> str:

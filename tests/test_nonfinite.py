@@ -318,6 +318,20 @@ def test_object_attention_float64(mode, case, use_backend):
     check_attention_case(case, mode, torch.float64, use_backend("cpu"), f"float64 {mode} {case}")
 
 
+@needs_ext
+@pytest.mark.parametrize("case", ["out-weight-posinf", "bottleneck-weight-nan", "regions-posinf",
+                                  "huge-feature"])
+@pytest.mark.parametrize("mode", MODES)
+def test_up_projection_without_the_finite_shortcut(mode, case, use_backend, monkeypatch):
+    """On CPU tensors in eager mode a finite out_project weight takes the plain product; the
+    split product (what compiled graphs, fake tensors and CUDA run, reading no value back) must
+    be exact too, for infinite weights and finite ones."""
+    from ocrkernels import modules
+
+    monkeypatch.setattr(modules, "_reads_values_cheaply", lambda t: False)
+    check_attention_case(case, mode, torch.float32, use_backend("cpu"), f"split {mode} {case}")
+
+
 # ---- the eval op itself: the softmax over K of rows that are all -inf or hold +inf --------
 
 def eval_op_reference(x, qw1, qb1, qw2, qb2, keys, values, wctx, wx, bout):
