@@ -49,21 +49,44 @@ def step(block, feats, regions, grad_out):
 
 
 def assert_same_training(fused, ref, feats, regions, tol=1e-4):  # DESIGN §3
+    """One training step of each agrees: output, input and parameter gradients, buffers.
+
+    Where the float32 reference is more than `tol` away, both are judged against a float64
+    step from the same state instead, and the fused result may be off by at most twice the
+    reference's own error (DESIGN §3's criterion): a ReLU input within float32 rounding of 0
+    can flip its mask in one of the two, and that one element then moves the gradient of its
+    whole BatchNorm channel (seen with C=512 on an Intel host, where the fused path matched
+    float64 to 2e-6 and the eager reference was 5% off)."""
+    exact_block = copy.deepcopy(ref).double() if feats.dtype != torch.float64 else None
     grad_out = torch.randn(feats.shape, dtype=feats.dtype)
     got = step(fused, feats, regions, grad_out)
     want = step(ref, feats, regions, grad_out)
-    assert rel_err(got[0], want[0]) < tol, "output"
-    assert rel_err(got[1], want[1]) < tol, "feats grad"
-    assert rel_err(got[2], want[2]) < tol, "regions grad"
+    exact = []
+
+    def check(a, b, what, pick):
+        err = rel_err(a, b)
+        if err < tol:
+            return
+        assert exact_block is not None, f"{what}: off the reference by {err:.3g}"
+        if not exact:
+            exact.append(step(exact_block, feats.double(), regions.double(), grad_out.double()))
+            exact.append(dict(exact_block.named_buffers()))
+        e = pick(*exact)
+        ours, theirs = rel_err(a, e), rel_err(b, e)
+        assert ours <= max(2 * theirs, tol), (f"{what}: off the reference by {err:.3g}, off "
+                                              f"float64 by {ours:.3g} (reference {theirs:.3g})")
+
+    for i, what in enumerate(("output", "feats grad", "regions grad")):
+        check(got[i], want[i], what, lambda res, bufs, i=i: res[i])
     assert got[3].keys() == want[3].keys()
     for name in want[3]:
-        assert rel_err(got[3][name], want[3][name]) < tol, name
+        check(got[3][name], want[3][name], name, lambda res, bufs, n=name: res[3][n])
     fused_buffers, ref_buffers = dict(fused.named_buffers()), dict(ref.named_buffers())
     for name, buf in ref_buffers.items():
         if buf.dtype == torch.long:
             assert torch.equal(fused_buffers[name], buf), name
         else:
-            assert rel_err(fused_buffers[name], buf) < tol, name
+            check(fused_buffers[name], buf, name, lambda res, bufs, n=name: bufs[n])
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
