@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -384,6 +385,13 @@ def _setup_distributed(device: str) -> _Dist:
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
+        # DistributedDataParallel imports torch.distributed.nn on first use, whose functions
+        # take `group=group.WORLD` as a default evaluated at import: imported after the group
+        # exists, they hold it to the end of the process, and gloo's worker threads with it,
+        # which can then abort the interpreter's exit ("terminate called without an active
+        # exception"). Imported first, the defaults hold None.
+        import torch.distributed.nn as _  # noqa: F401 (binds no local `torch`)
+
         dist.init_process_group("nccl" if use_cuda else "gloo")
         owns = True
     if dist.is_initialized():
@@ -1009,6 +1017,10 @@ class Trainer:
         done = self.max_iters - self.start_iter
         if d.owns_group:
             dist.barrier()
+            # The DDP wrapper holds the group (in a reference cycle): free it first, so that
+            # destroying the group also ends gloo's threads (see _setup_distributed).
+            self.wrapped = self.model
+            gc.collect()
             dist.destroy_process_group()
         return {"iterations": self.max_iters, "seconds": seconds,
                 "it_per_s": done / seconds if seconds > 0 else math.nan,

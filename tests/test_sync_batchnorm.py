@@ -9,6 +9,7 @@ losses gives the same outputs, gradients, parameters and running statistics.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from conftest import REPO, rel_err
 from sync_setup import MODES, PER_RANK, make_batch, make_head, snapshot
 
 WORLD = 2
+TIMEOUT_S = 300  # the whole torchrun launch; one run takes seconds
+TAIL = 4000  # characters of each log kept in a failure message
 
 
 def free_port() -> int:
@@ -29,15 +32,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_exit_codes(torchrun_stderr: str) -> dict[int, int]:
+    """{rank: exit code} of the ranks that torchrun's failure summary lists."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)",
+                       torchrun_stderr)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def rank_output(log_dir, rank: int) -> str:
+    """The stdout and stderr that torchrun's --redirects wrote for `rank`."""
+    parts = []
+    for stream in ("stdout", "stderr"):
+        text = "".join(f.read_text(errors="replace")
+                       for f in sorted(log_dir.glob(f"*/attempt_*/{rank}/{stream}.log")))
+        parts.append(f"--- rank {rank} {stream} ---\n{text[-TAIL:] or '(empty)'}")
+    return "\n".join(parts)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync")
+    logs = out / "logs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           # each rank's output in its own files, so that a failure shows which rank said what
+           f"--log-dir={logs}", "--redirects=3",
            str(REPO / "tests" / "sync_step.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+        status = f"torchrun exited with {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets torchrun stop the ranks (each in its own session) before it exits
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        status = f"torchrun timed out after {TIMEOUT_S} s and was stopped ({proc.returncode})"
+    missing = [r for r in range(WORLD) if not (out / f"rank{r}.pt").exists()]
+    if proc.returncode != 0 or missing:
+        codes = rank_exit_codes(stderr)
+        exits = ", ".join(f"rank {r}: {codes.get(r, 'not listed as failed by torchrun')}"
+                          for r in range(WORLD))
+        pytest.fail(f"{status}; exit codes: {exits}; no result from ranks {missing}\n"
+                    f"--- torchrun stdout ---\n{stdout[-TAIL:]}\n"
+                    f"--- torchrun stderr ---\n{stderr[-TAIL:]}\n"
+                    + "\n".join(rank_output(logs, r) for r in range(WORLD)), pytrace=False)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
