@@ -256,7 +256,7 @@ def format_result(r: Mapping[str, Any]) -> str:
 def _main_for_cli(args) -> int:
     """``ocrnet bench`` (see :mod:`ocrnet.cli`)."""
     from .cli import print_error
-    from .data.io import write_text_atomic
+    from .utils.fileio import write_text_atomic
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -266,7 +266,7 @@ def _main_for_cli(args) -> int:
                               images=args.images, warmup=args.warmup, device=args.device,
                               checkpoint=args.checkpoint, progress=True)
         if args.json:
-            write_text_atomic(args.json, json.dumps(result, indent=1).splitlines())
+            write_text_atomic(args.json, json.dumps(result, indent=1) + "\n", make_parents=True)
     except Exception as exc:  # noqa: BLE001 -- print_error re-raises what is not bad input
         return print_error("bench", exc)
     print(format_result(result))

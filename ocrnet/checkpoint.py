@@ -22,13 +22,14 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "convert_checkpoint", "describe_state_dict",
            "load_backbone_pretrained", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
@@ -241,39 +242,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]
     return meta
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
                     meta: Mapping[str, Any] | None = None) -> Path:
-    """Write our format atomically: a temporary file in the destination's directory, flushed
-    to disk, then ``os.replace`` (a reader never sees a half-written file)."""
+    """Write our format atomically (:func:`ocrnet.utils.fileio.atomic_write`: a reader never
+    sees a half-written file); the destination's folder must exist."""
     sd = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
           else dict(model_or_state))
     payload = {"format": FORMAT, "version": VERSION,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
                "meta": dict(meta or {})}
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"save_checkpoint: directory {str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would have.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,

@@ -264,7 +264,8 @@ def run_test(config, checkpoint: str | os.PathLike, *, data_root: str | None = N
     import torch.distributed as dist
 
     from .api import init_model
-    from .data.io import Progress, write_png_atomic, write_text_atomic
+    from .data.io import Progress, write_png_atomic
+    from .utils.fileio import write_text_atomic
     from .fastpath import prepare_for_inference
     from .train import TrainOptions, build_split, resolve_config
 
@@ -316,7 +317,7 @@ def run_test(config, checkpoint: str | os.PathLike, *, data_root: str | None = N
                           tta_relative_to=tta_relative_to)
         if rank == 0:
             text = json.dumps(json_ready(report), indent=1)
-            write_text_atomic(json_path, text.splitlines())
+            write_text_atomic(json_path, text + "\n", make_parents=True)
         result.update(config=cfg.name, checkpoint=os.fspath(checkpoint), mode=test_cfg.mode,
                       tta=tta, json=str(json_path))
     except BaseException:

@@ -46,7 +46,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,6 +59,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import FORMAT, VERSION
+from .utils.fileio import atomic_write
 from .configs import get_config
 from .configs.schema import (AuxHeadConfig, BackboneConfig, Config, DataConfig, ModelConfig,
                              OCRHeadConfig, Published, ScheduleConfig, TestConfig)
@@ -448,31 +448,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(fileobj)`` into a temporary file next to ``path``, fsync, ``os.replace``: a
-    reader (or a resumed run after a crash) sees the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_training_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` (see :class:`Trainer`) atomically to ``path`` and its digest and
     length to ``path + '.sha256'`` (written after the checkpoint: a side file never describes
     a checkpoint that is not complete)."""
     path = Path(path)
-    _atomic_write(path, lambda f: torch.save(dict(payload), f))
+    atomic_write(path, lambda f: torch.save(dict(payload), f))
     line = f"{_sha256(path)} {path.stat().st_size}\n".encode()
-    _atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(line))
+    atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(line))
     return path
 
 
@@ -686,7 +669,7 @@ class _Log:
             except json.JSONDecodeError:
                 pass  # a line cut by the crash
         data = "".join(f"{line}\n" for line in keep).encode()
-        _atomic_write(self.jsonl, lambda f: f.write(data))
+        atomic_write(self.jsonl, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------
@@ -929,7 +912,7 @@ class Trainer:
         cfg, opts, d = self.config, self.options, self.dist
         if d.rank == 0 and self.start_iter == 0:
             text = json.dumps(cfg.to_dict(), indent=1) + "\n"
-            _atomic_write(self.work_dir / "config.json", lambda f: f.write(text.encode()))
+            atomic_write(self.work_dir / "config.json", lambda f: f.write(text.encode()))
         # Rows of a run that died before its first checkpoint (fresh start) or after its
         # last one (resumed) would otherwise repeat iterations in metrics.jsonl.
         self.log.truncate_after(self.start_iter)

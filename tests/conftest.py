@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ocrnet.utils.memory import saved_tensor_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -48,20 +50,9 @@ def forward_backward(fn, probs, feats, grad, scale=1.0):
 
 
 def saved_bytes(run, exclude=()):
-    """Bytes autograd keeps for backward while run() runs, counting each storage once and
-    leaving out the storages of the tensors in `exclude`."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
+    """Bytes autograd keeps for backward while run() runs (see
+    :func:`ocrnet.utils.memory.saved_tensor_bytes`)."""
+    return saved_tensor_bytes(run, exclude)[1]
 
 
 def saved_bytes_beyond_inputs(fn, probs, feats):

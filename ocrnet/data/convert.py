@@ -14,7 +14,7 @@
   the SBD train+val ids not in VOC train or val (mmseg trains on train.txt + aug.txt, 10,582
   images on the real data) and ``trainaug.txt`` the union of VOC train and SBD minus VOC val.
 
-All outputs are written atomically (temp file + ``os.replace``).
+All outputs are written atomically (temp file + ``ocrnet.utils.fileio``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import DataError, Progress, read_label, write_png_atomic, write_text_atomic
+from ..utils.fileio import write_text_atomic
+from .io import DataError, Progress, read_label, write_png_atomic
 
 __all__ = ["CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_NAME_TO_ID", "cityscapes_label_ids_to_train_ids",
            "cityscapes_polygons_to_train_ids", "convert_cityscapes", "sbd_mat_to_label",
@@ -144,8 +145,13 @@ def convert_cityscapes(root: str | os.PathLike, gt_dir: str = "gtFine", source: 
                 tail = f"_{gt_dir}{suffix}"
                 names = sorted(p.relative_to(d).as_posix()[:-len(tail)]
                                for p in d.rglob(f"*{tail}"))
-                write_text_atomic(root / f"{split}.txt", names)
+                write_text_atomic(root / f"{split}.txt", _lines(names), make_parents=True)
     return len(files)
+
+
+def _lines(items: Sequence[str]) -> str:
+    """One item per line, each newline-terminated."""
+    return "".join(f"{item}\n" for item in items)
 
 
 def sbd_mat_to_label(mat_path: str | os.PathLike) -> np.ndarray:
@@ -205,8 +211,8 @@ def convert_voc_aug(devkit: str | os.PathLike, sbd: str | os.PathLike,
     # mmseg's generate_aug_list is a set difference (unordered); sorted here for stable files.
     trainaug = sorted(set(voc_train + sbd_ids) - set(voc_val))
     aug = sorted(set(sbd_ids) - set(voc_train + voc_val))
-    write_text_atomic(sets / "trainaug.txt", trainaug)
-    write_text_atomic(sets / "aug.txt", aug)
+    write_text_atomic(sets / "trainaug.txt", _lines(trainaug), make_parents=True)
+    write_text_atomic(sets / "aug.txt", _lines(aug), make_parents=True)
     return {"converted": len(mats), "aug": len(aug), "trainaug": len(trainaug)}
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["DataError", "read_image", "read_label", "write_png_atomic", "write_text_atomic",
-           "Progress"]
+from ..utils.fileio import write_bytes_atomic
+
+__all__ = ["DataError", "read_image", "read_label", "write_png_atomic", "Progress"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -179,25 +179,9 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     return lab
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the destination directory so os.replace is an atomic rename (same fs);
-    # a crash leaves either the old file or the new one, never a truncated PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write (H, W) or (H, W, 3) uint8 (BGR) ``array`` as PNG via a temp file + os.replace."""
+    """Write (H, W) or (H, W, 3) uint8 (BGR) ``array`` as PNG, atomically (parent folders
+    created)."""
     path = Path(path)
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
@@ -206,15 +190,7 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     ok, enc = cv2.imencode(".png", array)
     if not ok:
         raise DataError(f"PNG encoding failed for {path}")
-    _atomic_write_bytes(path, enc.tobytes())
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, lines: list[str]) -> Path:
-    """Write ``lines`` (one per line, newline-terminated) atomically."""
-    path = Path(path)
-    _atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode())
-    return path
+    return write_bytes_atomic(path, enc.tobytes(), make_parents=True)
 
 
 class Progress:
