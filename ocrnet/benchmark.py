@@ -28,16 +28,16 @@ and the Python / torch runtime together; one number for the whole process).
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .utils.timing import time_interleaved
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_WARMUP", "bench_config", "count_flops", "peak_rss_mib",
            "time_forwards"]
@@ -149,32 +149,17 @@ def time_forwards(models: Mapping[str, nn.Module], shape: tuple[int, int, int, i
     pool = [torch.randn(shape, generator=g).to(device) for _ in range(min(_POOL, images))]
     for m in models.values():
         m.eval()
-    for i in range(warmup):
-        for name in names:
-            models[name](pool[i % len(pool)])
-    sync()
-    times: dict[str, list[float]] = {n: [] for n in names}
     peak: dict[str, int] = {n: 0 for n in names}
-    gc.collect()
-    gc.disable()  # a collection inside one timed forward would bias that model
-    try:
-        for i in range(images):
-            x = pool[i % len(pool)]
-            shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync()
-                start = time.perf_counter()
-                models[name](x)
-                sync()
-                times[name].append(time.perf_counter() - start)
-                if cuda:
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
-            if progress is not None:
-                progress(i + 1, images)
-    finally:
-        gc.enable()
+
+    def reset_peak(name: str) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def record_peak(name: str) -> None:
+        peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+
+    steps = {name: (lambda i, m=models[name]: m(pool[i % len(pool)])) for name in names}
+    times = time_interleaved(steps, images, warmup, sync, before=reset_peak if cuda else None,
+                             after=record_peak if cuda else None, progress=progress)
     return {n: {"fps": images / sum(t), "seconds": sum(t), "median_s": statistics.median(t),
                 "images": images, "warmup": warmup,
                 "peak_mem_mib": peak[n] / (1 << 20) if cuda else None}
