@@ -5,15 +5,15 @@
     logits = model(img)                     # (B, 3, H, W) normalised -> (B, 19, H, W)
 
 Checkpoints saved by mmsegmentation load strictly (same state-dict keys); see
-:mod:`ocrnet.checkpoint`. Configs: :func:`list_configs`, :func:`get_config`.
+:mod:`ocrnet.models.checkpoint`. Configs: :func:`list_configs`, :func:`get_config`.
 """
 
 from .api import init_model, load_model
-from .checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from .configs import Config, get_config, list_configs
-from .fastpath import inference, prepare_for_inference
-from .metrics import IoUMetric
+from .evaluation import IoUMetric
+from .inference import inference, prepare_for_inference
 from .models import OCRNet, build_segmentor
+from .models.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 
 __all__ = ["CheckpointError", "Config", "IoUMetric", "OCRNet", "build_segmentor",
            "convert_checkpoint", "get_config", "inference", "init_model", "list_configs",

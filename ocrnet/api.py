@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from .configs import Config, get_config
+from .configs import Config, config_from_dict, get_config, resolve_config
+from .models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .models.segmentor import OCRNet, build_segmentor
 
 __all__ = ["init_model", "load_model"]
@@ -67,7 +67,6 @@ def load_model(spec: str | os.PathLike, config: str | Config | None = None,
         FileNotFoundError: a checkpoint path that does not exist.
         ValueError: no config can be found; CheckpointError: weights that do not fit.
     """
-    from .train import config_from_dict, resolve_config  # synthetic names and JSON files
 
     text = os.fspath(spec)
     is_ckpt = text.lower().endswith(_CHECKPOINT_SUFFIXES)

@@ -28,7 +28,6 @@ and the Python / torch runtime together; one number for the whole process).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Callable, Mapping
@@ -187,10 +186,10 @@ def bench_config(config, *, fused: bool = True, shape: tuple[int, int] | None = 
         ``peak_mem_kind`` ("cuda allocated" or "process RSS").
     """
     from .api import init_model
+    from .configs import resolve_config
     from .data.io import Progress
-    from .fastpath import prepare_for_inference
+    from .inference import prepare_for_inference
     from .models.segmentor import count_parameters
-    from .train import resolve_config
 
     cfg = resolve_config(config)
     if device == "auto":
@@ -236,23 +235,3 @@ def format_result(r: Mapping[str, Any]) -> str:
         f"  {_num(r['gflop'])} GFLOP ({_num(r['gmac'])} GMAC), {r['params_m']:.2f} M "
         "parameters",
         f"  peak memory {mem} ({r['peak_mem_kind']})"])
-
-
-def _main_for_cli(args) -> int:
-    """``ocrnet bench`` (see :mod:`ocrnet.cli`)."""
-    from .cli import print_error
-    from .utils.fileio import write_text_atomic
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"bench: --threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        result = bench_config(args.config, fused=args.fused, shape=args.shape,
-                              images=args.images, warmup=args.warmup, device=args.device,
-                              checkpoint=args.checkpoint, progress=True)
-        if args.json:
-            write_text_atomic(args.json, json.dumps(result, indent=1) + "\n", make_parents=True)
-    except Exception as exc:  # noqa: BLE001 -- print_error re-raises what is not bad input
-        return print_error("bench", exc)
-    print(format_result(result))
-    return 0

@@ -28,17 +28,18 @@ from torch import nn
 
 import ocrnet
 from ocrnet.benchmark import bench_config, count_flops, time_forwards
-from ocrnet.checkpoint import save_checkpoint
 from ocrnet.cli import main as cli_main
+from ocrnet.commands.test import run_test
+from ocrnet.configs import SYNTHETIC_CONFIGS
 from ocrnet.data import SyntheticDataset, build_collate, build_pipeline
 from ocrnet.data import reduce_zero_label as reduce_zero_label_map
-from ocrnet.evaluate import evaluate, predict_batch, predict_logits, run_test, slide_logits
-from ocrnet.metrics import IoUMetric, format_table, json_ready
+from ocrnet.data.palettes import colourise, overlay, palette_for
+from ocrnet.evaluation import IoUMetric, evaluate, format_table, json_ready
+from ocrnet.inference import predict_batch, predict_logits, slide_logits
+from ocrnet.inference.tta import multiscale_flip, tta_sizes
 from ocrnet.models import build_segmentor
+from ocrnet.models.checkpoint import save_checkpoint
 from ocrnet.models.segmentor import count_parameters
-from ocrnet.palettes import colourise, overlay, palette_for
-from ocrnet.train import SYNTHETIC_CONFIGS
-from ocrnet.tta import multiscale_flip, tta_sizes
 
 TINY = "ocrnet_hrtiny8_1xb4-20_synthetic-32x64"
 LITE = "ocrnet_hrlite12_1xb8-600_synthetic-64x128"
@@ -245,7 +246,7 @@ def test_slide_overlap_averages_known_outputs():
     assert out[0, 0].tolist() == [expected_cols] * 7
     assert out[0, 1].tolist() == [[r] * 11 for r in expected_rows]
     # predict_logits in slide mode is the same, then resized to out_size.
-    from ocrnet.evaluate import slide_test_config
+    from ocrnet.inference.predict import slide_test_config
     cfg = slide_test_config(CFG, (4, 6), (3, 4))
     assert cfg.mode == "slide" and cfg.crop_size == (4, 6) and cfg.stride == (3, 4)
     assert torch.equal(predict_logits(model, torch.zeros(1, 3, 7, 11), cfg), out)
@@ -374,7 +375,7 @@ def test_tta_sizes():
 def test_evaluate_modes_agree_where_they_must(tiny):
     ds = SyntheticDataset("val", length=3, height=32, width=64, seed=0)
     whole = evaluate(tiny, ds, CFG)
-    from ocrnet.evaluate import slide_test_config
+    from ocrnet.inference.predict import slide_test_config
     covering = evaluate(tiny, ds, CFG, test_cfg=slide_test_config(CFG, (32, 64), (16, 16)))
     assert covering["IoU"] == whole["IoU"] and covering["aAcc"] == whole["aAcc"]
     saved = {}

@@ -16,7 +16,7 @@ from torch import nn
 
 import ocrkernels
 import ocrnet
-from ocrnet.fastpath import fold_batchnorm, is_prepared, normalise
+from ocrnet.inference.fastpath import fold_batchnorm, is_prepared, normalise
 from ocrnet.models import build_segmentor
 
 HR18S = "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024"

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from conftest import rel_err, shared_path
 
 import ocrnet
-from ocrnet.checkpoint import (CheckpointError, describe_state_dict, load_backbone_pretrained,
-                               read_checkpoint, save_checkpoint)
 from ocrnet.cli import main as cli_main
 from ocrnet.models import build_segmentor, count_parameters, cross_entropy
+from ocrnet.models.checkpoint import (CheckpointError, describe_state_dict,
+                                      load_backbone_pretrained, read_checkpoint, save_checkpoint)
 
 HR18S = "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024"
 FIXTURE = "mmseg_ocrnet_hr18s"

@@ -1,4 +1,4 @@
-"""ocrnet.train: poly lr, DDP = one process with SyncBN, bit-exact kill-and-resume, checkpoint
+"""ocrnet.engine: poly lr, DDP = one process with SyncBN, bit-exact kill-and-resume, checkpoint
 validation and atomic writes, non-finite steps (fail or skip), the evaluation metric, config
 overrides.
 
@@ -28,11 +28,12 @@ import torch
 from conftest import REPO
 
 from ocrnet.configs.schema import ScheduleConfig
-from ocrnet.evaluate import IoUMetric
-import ocrnet.train
-from ocrnet.train import (SYNTHETIC_CONFIGS, CheckpointInvalid, GlobalBatchSampler, Trainer,
-                          TrainOptions, apply_overrides, find_resume_checkpoint,
-                          load_training_checkpoint, poly_lr, save_training_checkpoint, train)
+from ocrnet.evaluation import IoUMetric
+import ocrnet.engine.trainer
+from ocrnet.configs import SYNTHETIC_CONFIGS, apply_overrides
+from ocrnet.data import GlobalBatchSampler
+from ocrnet.engine import (CheckpointInvalid, Trainer, TrainOptions, find_resume_checkpoint,
+                           load_training_checkpoint, poly_lr, save_training_checkpoint, train)
 
 TINY = "ocrnet_hrtiny8_1xb4-20_synthetic-32x64"
 ITERS = 8  # resume tests: checkpoints every 2 iterations
@@ -346,13 +347,13 @@ def all_finite(state_dict) -> bool:
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     work = tmp_path / "run"
     written = {}
-    save = ocrnet.train.save_training_checkpoint
+    save = ocrnet.engine.trainer.save_training_checkpoint
 
     def recording_save(path, payload):  # what each checkpoint held when it was written
         written[Path(path).name] = {k: v.clone() for k, v in payload["state_dict"].items()}
         return save(path, payload)
 
-    monkeypatch.setattr(ocrnet.train, "save_training_checkpoint", recording_save)
+    monkeypatch.setattr(ocrnet.engine.trainer, "save_training_checkpoint", recording_save)
     trainer = nan_trainer(work, 6, feats_at=(5,), checkpoint_interval=2)
     with pytest.raises(FloatingPointError) as info:
         trainer.run()
@@ -448,7 +449,8 @@ def test_two_processes_agree_on_a_nonfinite_loss_of_one_rank(tmp_path):
     script.write_text(f'''
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from ocrnet.train import SYNTHETIC_CONFIGS, Trainer, TrainOptions, apply_overrides
+from ocrnet.configs import SYNTHETIC_CONFIGS, apply_overrides
+from ocrnet.engine import Trainer, TrainOptions
 from test_ocrnet_train import add_nan_hooks
 
 class NaNTrainer(Trainer):
@@ -549,7 +551,7 @@ def test_time_budget_follows_the_recent_speed():
     # Trainer._calibrate on a stand-in trainer: budget 240 s, 10% kept spare (216 s usable).
     from types import SimpleNamespace
 
-    from ocrnet.train import Trainer
+    from ocrnet.engine import Trainer
 
     lines = []
     stub = SimpleNamespace(options=SimpleNamespace(time_budget=240.0),

@@ -2,7 +2,7 @@
 
     ocrnet demo --minutes 3 --json demo.json
 
-Model: :data:`DEMO_CONFIG` of :data:`ocrnet.train.SYNTHETIC_CONFIGS`, a *narrower* HRNetV2p
+Model: :data:`DEMO_CONFIG` of :data:`ocrnet.configs.SYNTHETIC_CONFIGS`, a *narrower* HRNetV2p
 than W18-Small (branch widths 12/24/48/96 instead of 18/36/72/144, one block per branch, a
 32-plane stage 1, 2 + 1 HRModules in stages 3 / 4; OCR head 128 / 64 channels instead of
 512 / 256; about 1 M parameters) trained from scratch on 64x128 synthetic scenes, batch 8, SGD
@@ -11,26 +11,55 @@ lr 0.05 with the poly schedule cut to fit the time budget. W18-Small itself
 iteration, too slow for a few CPU minutes.
 
 Then: mIoU and per-class IoU on the synthetic val split (200 images, the IoU metric of
-:mod:`ocrnet.evaluate`), fps as DESIGN.md quotes it (batch 1, 5 warm-up then timed forwards,
-model in eval mode, only the forward timed), and ``predictions.png`` in the work dir: rows of
+:mod:`ocrnet.evaluation`), fps as segmentation papers quote it (batch 1, 5 warm-up then
+timed forwards, model in eval mode, only the forward timed), and ``predictions.png`` in the work dir: rows of
 image | label | prediction (class colours of ``SYNTHETIC_PALETTE``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
-__all__ = ["DEMO_CONFIG", "run_demo", "measure_fps", "draw_predictions"]
+from ..configs import SYNTHETIC_CONFIGS
+from ..data import SyntheticDataset, build_collate, build_pipeline
+from ..data.io import write_png_atomic
+from ..data.synthetic import SYNTHETIC_PALETTE
+from ..engine import Trainer, TrainOptions
+from ..evaluation import evaluate
+from ..inference import predict_logits
+from ..utils.fileio import write_text_atomic
+from ..utils.timing import time_interleaved
+from .errors import print_error
+
+__all__ = ["DEMO_CONFIG", "add_parser", "draw_predictions", "measure_fps", "run", "run_demo"]
 
 DEMO_CONFIG = "ocrnet_hrlite12_1xb8-600_synthetic-64x128"
+
+
+def add_parser(sub) -> None:
+    """The ``ocrnet demo`` subcommand's arguments."""
+    d = sub.add_parser(
+        "demo", help="train a small OCRNet on the synthetic set on the CPU and evaluate it",
+        description="Train a narrow HRNet OCRNet on the embedded synthetic dataset within a "
+                    "time budget, evaluate it on the synthetic val split (mIoU, per-class "
+                    "IoU, fps) and save a PNG of predictions next to their labels.")
+    d.add_argument("--json", default=None, metavar="PATH",
+                   help="write miou, per_class_iou, fps, seconds to PATH")
+    d.add_argument("--minutes", type=float, default=3.0,
+                   help="training time budget in minutes (default 3)")
+    d.add_argument("--work-dir", default=None,
+                   help="default work_dirs/demo/<timestamp>")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
 
 
 def _colour(label: np.ndarray, palette) -> np.ndarray:
@@ -43,13 +72,8 @@ def _colour(label: np.ndarray, palette) -> np.ndarray:
 @torch.no_grad()
 def draw_predictions(model, dataset, config, path: str | os.PathLike, count: int = 6,
                      zoom: int = 2) -> Path:
-    """Save a PNG (cv2.imwrite) of ``count`` samples of ``dataset``, one row each:
+    """Save a PNG of ``count`` samples of ``dataset``, one row each:
     image | label | prediction, upscaled ``zoom`` x (nearest) for visibility."""
-    import cv2
-
-    from .data import build_collate, build_pipeline
-    from .data.synthetic import SYNTHETIC_PALETTE
-    from .evaluate import predict_logits
     pipeline, collate = build_pipeline(config, "val"), build_collate(config, "val")
     palette = getattr(dataset, "palette", SYNTHETIC_PALETTE)
     was_training = model.training
@@ -68,37 +92,26 @@ def draw_predictions(model, dataset, config, path: str | os.PathLike, count: int
     grid = np.concatenate(rows[:-1], 0)
     grid = cv2.resize(grid, (grid.shape[1] * zoom, grid.shape[0] * zoom),
                       interpolation=cv2.INTER_NEAREST)
-    path = Path(path)
-    if not cv2.imwrite(str(path), grid):
-        raise OSError(f"draw_predictions: cv2.imwrite could not write {path}")
-    return path
+    return write_png_atomic(path, grid)
 
 
 @torch.no_grad()
 def measure_fps(model, dataset, config, images: int = 200, warmup: int = 5) -> float:
     """Images per second of ``model`` in eval mode at batch 1 over ``images`` samples after
     ``warmup`` untimed ones; only the forward is timed (data preparation is done first)."""
-    from .data import build_collate, build_pipeline
     pipeline, collate = build_pipeline(config, "val"), build_collate(config, "val")
     device = next(model.parameters()).device
     xs = []
-    for i in range(warmup + images):
+    for i in range(images):
         img, label, meta = dataset[i % len(dataset)]
         img, _, meta = pipeline(img, label, meta, np.random.default_rng(0))
         xs.append(collate([(img, None, meta)])[0].to(device))
     was_training = model.training
     model.eval()
-    for x in xs[:warmup]:
-        model(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for x in xs[warmup:]:
-        model(x)
-    sync()
-    seconds = time.perf_counter() - start
+    times = time_interleaved({"model": lambda i: model(xs[i % len(xs)])}, images, warmup, sync)
     model.train(was_training)
-    return images / seconds
+    return images / sum(times["model"])
 
 
 def run_demo(minutes: float = 3.0, work_dir: str | os.PathLike | None = None,
@@ -110,10 +123,6 @@ def run_demo(minutes: float = 3.0, work_dir: str | os.PathLike | None = None,
     "iterations", "it_per_s", "work_dir", "png"}`` (``seconds``: the whole demo); the same
     dict is written to ``json_path`` when given.
     """
-    from .data import SyntheticDataset
-    from .evaluate import evaluate
-    from .train import SYNTHETIC_CONFIGS, Trainer, TrainOptions
-
     if not minutes > 0:
         raise ValueError(f"run_demo: minutes must be > 0, got {minutes}")
     start = time.perf_counter()
@@ -141,7 +150,7 @@ def run_demo(minutes: float = 3.0, work_dir: str | os.PathLike | None = None,
            "iterations": result["iterations"], "it_per_s": result["it_per_s"],
            "threads": torch.get_num_threads(), "work_dir": str(work_dir), "png": str(png)}
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(json_path, json.dumps(out, indent=1) + "\n")
     if progress:
         print(f"\nsynthetic val ({metrics['images']} images): mIoU {100 * out['miou']:.2f}  "
               f"mAcc {100 * out['macc']:.2f}  aAcc {100 * out['aacc']:.2f}")
@@ -153,11 +162,10 @@ def run_demo(minutes: float = 3.0, work_dir: str | os.PathLike | None = None,
     return out
 
 
-def _main_for_cli(args) -> int:
-    """``ocrnet demo`` (see :mod:`ocrnet.cli`)."""
+def run(args: argparse.Namespace) -> int:
+    """Run ``ocrnet demo`` on parsed ``args``; the exit status."""
     try:
         run_demo(args.minutes, args.work_dir, args.threads, args.json)
-    except (ValueError, OSError) as exc:
-        print(f"ocrnet demo: error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 -- print_error re-raises what is not bad input
+        return print_error("demo", exc)
     return 0

@@ -20,9 +20,7 @@ import os
 from .schema import (AuxHeadConfig, BackboneConfig, Config, DataConfig, ModelConfig,
                      OCRHeadConfig, Published, ScheduleConfig, TestConfig)
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "ScheduleConfig", "TestConfig",
-           "BackboneConfig", "AuxHeadConfig", "OCRHeadConfig", "Published", "CONFIGS",
-           "get_config", "list_configs", "register_config"]
+__all__ = ["CONFIGS", "get_config", "list_configs", "register_config"]
 
 CONFIGS: dict[str, Config] = {}
 

@@ -24,7 +24,7 @@ class BackboneConfig:
     """``type`` "HRNet" (``arch`` w18_small | w18 | w48) or "ResNetV1c" (``depth``, D8 dilation).
 
     ``pretrained`` names the ImageNet initialisation mmseg uses (informational; load the file
-    with :func:`ocrnet.checkpoint.load_backbone_pretrained`).
+    with :func:`ocrnet.models.checkpoint.load_backbone_pretrained`).
     """
 
     type: str

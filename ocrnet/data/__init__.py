@@ -16,17 +16,18 @@ needed for :class:`SyntheticDataset`. Converters: ``python -m ocrnet.data.conver
 
 from .datasets import (ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES,
                        VOC_PALETTE, ADE20KDataset, CityscapesDataset, ConcatSegDataset,
-                       PascalVOCDataset, SegDataset, TransformedDataset, build_dataset,
-                       reduce_zero_label)
+                       PascalVOCDataset, SegDataset, TransformedDataset, reduce_zero_label)
+from .build import build_dataset, build_split
 from .io import DataError, read_image, read_label
+from .sampler import GlobalBatchSampler, epoch_keyed
 from .synthetic import SYNTHETIC_CLASSES, SyntheticDataset, synthetic_data_config
 from .transforms import (Compose, Pad, PhotoMetricDistortion, RandomCrop, RandomFlip,
                          RandomResize, Resize, SegCollate, build_collate, build_pipeline)
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataset", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE",
-           "CityscapesDataset", "Compose", "ConcatSegDataset", "DataError", "Pad",
+           "CityscapesDataset", "Compose", "ConcatSegDataset", "DataError", "GlobalBatchSampler", "Pad",
            "PascalVOCDataset", "PhotoMetricDistortion", "RandomCrop", "RandomFlip",
            "RandomResize", "Resize", "SYNTHETIC_CLASSES", "SegCollate", "SegDataset",
            "SyntheticDataset", "TransformedDataset", "VOC_CLASSES", "VOC_PALETTE",
-           "build_collate", "build_dataset", "build_pipeline", "read_image", "read_label",
+           "build_collate", "build_dataset", "build_pipeline", "build_split", "epoch_keyed", "read_image", "read_label",
            "reduce_zero_label", "synthetic_data_config"]

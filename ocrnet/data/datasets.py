@@ -35,7 +35,7 @@ import numpy as np
 from .io import DataError, read_image, read_label
 
 __all__ = ["SegDataset", "CityscapesDataset", "ADE20KDataset", "PascalVOCDataset",
-           "ConcatSegDataset", "TransformedDataset", "build_dataset", "reduce_zero_label",
+           "ConcatSegDataset", "TransformedDataset", "reduce_zero_label",
            "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "ADE20K_CLASSES", "VOC_CLASSES",
            "VOC_PALETTE"]
 
@@ -341,28 +341,3 @@ class TransformedDataset:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         img, label, meta = self.dataset[index]
         return self.pipeline(img, label, meta, rng)
-
-
-def build_dataset(dataset: str, data_root: str | os.PathLike, split: str):
-    """The dataset a config names, as mmseg's ``configs/_base_/datasets/*.py`` build it.
-
-    ``dataset``: "cityscapes" | "ade20k" | "voc12aug" | "voc12" (the ``DataConfig.dataset``
-    names); ``split``: "train" or "val". For "voc12aug" "train" is train.txt on
-    ``SegmentationClass`` + aug.txt on ``SegmentationClassAug``; "val" is val.txt.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
-    if dataset == "cityscapes":
-        return CityscapesDataset(data_root, split)
-    if dataset == "ade20k":
-        return ADE20KDataset(data_root, split)
-    if dataset == "voc12aug" and split == "train":
-        return ConcatSegDataset([PascalVOCDataset(data_root, "train"),
-                                 PascalVOCDataset(data_root, "aug")])
-    if dataset in ("voc12", "voc12aug"):
-        return PascalVOCDataset(data_root, split)
-    if dataset == "synthetic":
-        from .synthetic import SyntheticDataset
-        return SyntheticDataset.load_cached(data_root, split)
-    raise ValueError(f"build_dataset: unknown dataset {dataset!r} (cityscapes, ade20k, "
-                     f"voc12aug, voc12, synthetic)")

@@ -1,6 +1,6 @@
 """Class colours: the per-dataset palettes, colourised masks and overlays.
 
-    from ocrnet.palettes import palette_for, colourise, overlay
+    from ocrnet.data.palettes import palette_for, colourise, overlay
     pal = palette_for(config)                 # (K, 3) uint8 RGB
     mask = colourise(pred, pal)               # (H, W) ids -> (H, W, 3) RGB
     blend = overlay(image_rgb, mask, 0.5)
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data.datasets import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
+from .datasets import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                             CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
-from .data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
 
 __all__ = ["DATASET_CLASSES", "PALETTES", "class_names_for", "colourise", "overlay",
            "palette_for"]

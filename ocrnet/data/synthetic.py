@@ -36,6 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..configs.synthetic import synthetic_data_config
 from .io import Progress, write_png_atomic
 
 __all__ = ["SyntheticDataset", "SYNTHETIC_CLASSES", "SYNTHETIC_PALETTE",
@@ -46,14 +47,6 @@ SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "ring", "stripe
 SYNTHETIC_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                      (245, 130, 48), (145, 30, 180))
 _SPLIT_ID = {"train": 0, "val": 1}
-
-
-def synthetic_data_config(height: int = 64, width: int = 128, batch: int = 8):
-    """A :class:`ocrnet.configs.DataConfig` for the synthetic set: base scale = the image
-    size (so RandomResize spans 0.5x-2x of it), crop = the image size, one process."""
-    from ..configs.schema import DataConfig
-    return DataConfig(dataset="synthetic", crop_size=(height, width), batch_per_gpu=batch,
-                      gpus=1, scale=(max(height, width), min(height, width)))
 
 
 def _greyish(rng: np.random.Generator) -> np.ndarray:

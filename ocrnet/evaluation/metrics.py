@@ -1,6 +1,6 @@
 """mmsegmentation's IoU metrics: aAcc, mIoU, mAcc and per-class IoU / Acc, in percent.
 
-    from ocrnet.metrics import IoUMetric, format_table
+    from ocrnet.evaluation import IoUMetric, format_table
     metric = IoUMetric(19)                      # Cityscapes; ignore_index 255
     for pred, label in pairs:                   # (H, W) class ids, any size per image
         metric.update(pred, label)

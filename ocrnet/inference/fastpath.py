@@ -38,10 +38,10 @@ from torch import Tensor, nn
 
 from ocrkernels.modules import ConvBNReLU, ObjectAttention
 
-from .configs.schema import IMAGENET_MEAN, IMAGENET_STD
-from .models.hrnet import HRNet
-from .models.resnet import BasicBlock, Bottleneck
-from .models.segmentor import OCRNet
+from ..configs.schema import IMAGENET_MEAN, IMAGENET_STD
+from ..models.hrnet import HRNet
+from ..models.resnet import BasicBlock, Bottleneck
+from ..models.segmentor import OCRNet
 
 __all__ = ["fold_batchnorm", "inference", "is_prepared", "normalise", "prepare_for_inference"]
 
@@ -222,7 +222,7 @@ def _load_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"inference: image {name!r} has an unknown suffix {suffix!r}; expected "
                          f".npy or one of {', '.join(_IMAGE_SUFFIXES)}")
     try:
-        from .data.io import read_image  # needs OpenCV (cv2)
+        from ..data.io import read_image  # needs OpenCV (cv2)
     except ImportError:
         read_image = None
     if read_image is not None:

@@ -1,6 +1,6 @@
 """Multi-scale + flip test-time augmentation, as mmsegmentation evaluates its "ms+flip" column.
 
-    from ocrnet.tta import multiscale_flip
+    from ocrnet.inference.tta import multiscale_flip
     probs = multiscale_flip(model, img_bgr, config)      # (1, K, H, W), softmax averaged
     pred = probs.argmax(1)[0]
 
@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .evaluate import _resize, predict_logits
+from ..data import build_collate
+from ..data.transforms import Resize, rescale_size
+from .predict import predict_logits, resize_logits
 
 __all__ = ["multiscale_flip", "tta_sizes"]
 
@@ -45,7 +47,6 @@ def tta_sizes(hw: tuple[int, int], ratios: Sequence[float],
     ``scale`` None: mmseg 1.x, the ratio of the image's own size; ``scale`` = the config's test
     scale (long, short): mmseg 0.x, the ratio of that scale as a keep-ratio bound.
     """
-    from .data.transforms import rescale_size
     h, w = hw
     sizes = []
     for r in ratios:
@@ -80,8 +81,6 @@ def multiscale_flip(model: nn.Module, image: np.ndarray, config, *, test_cfg=Non
         (1, K, h, w) float32: the mean over scales x flips of the softmax of the logits, each
         flipped back and resized to ``out_size`` first.
     """
-    from .data import build_collate
-    from .data.transforms import Resize
 
     if relative_to not in ("image", "scale"):
         raise ValueError(f"multiscale_flip: relative_to must be 'image' or 'scale', got "
@@ -115,7 +114,7 @@ def multiscale_flip(model: nn.Module, image: np.ndarray, config, *, test_cfg=Non
             logits = predict_logits(model, x.flip(-1) if flipped else x, test_cfg)
             if flipped:
                 logits = logits.flip(-1)  # back before resizing, as mmseg's postprocess
-            probs = _resize(model, logits, out_size).softmax(1)
+            probs = resize_logits(model, logits, out_size).softmax(1)
             total = probs if total is None else total + probs
             passes += 1
     return total / passes

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .utils.fileio import atomic_write
+from ..utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "convert_checkpoint", "describe_state_dict",
            "load_backbone_pretrained", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
@@ -266,8 +266,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,
     Returns:
         ``dst`` as a Path.
     """
-    from .configs import CONFIGS, get_config  # local: keep this module import-light
-    from .models.segmentor import build_segmentor
+    from ..configs import CONFIGS, get_config  # local: keep this module import-light
+    from .segmentor import build_segmentor
 
     sd, meta = read_checkpoint(src)
     name = config if config is not None else meta.get("config")
