@@ -48,7 +48,7 @@ _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def load_model(spec: str | os.PathLike, config: str | Config | None = None,
-               device: str | torch.device = "cpu", fused: bool = False
+               device: str | torch.device = "cpu", fused: bool = True
                ) -> tuple[OCRNet, Config, str | None]:
     """A model from a checkpoint file or a config, as the command line names them.
 

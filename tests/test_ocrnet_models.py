@@ -356,3 +356,13 @@ def test_mmengine_training_checkpoint(tmp_path):
     _save_with_fake_classes(tmp_path / "other.pth", "somepkg.evil", payload)
     with pytest.raises(CheckpointError, match="somepkg.evil.HistoryBuffer"):
         ocrnet.load_checkpoint(dst, tmp_path / "other.pth")
+
+
+def test_synthetic_config_numbers_match_the_models_and_the_data():
+    # configs sit below models and data in the import order, so they hold these numbers.
+    from ocrnet.configs.synthetic import HRNET_BASE_WIDTH, SYNTHETIC_NUM_CLASSES
+    from ocrnet.data import SYNTHETIC_CLASSES
+    from ocrnet.models.hrnet import HRNET_ARCHS, hrnet_width
+
+    assert SYNTHETIC_NUM_CLASSES == len(SYNTHETIC_CLASSES)
+    assert HRNET_BASE_WIDTH == {arch: hrnet_width(arch) for arch in HRNET_ARCHS}

@@ -16,14 +16,9 @@ What :func:`prepare_for_inference` changes, and why it is exact in eval mode:
   itself (and reads ``bn`` of each CBR); its 3x3 ``bottleneck`` CBR is folded like the rest;
 * the OCR head runs its fused kernels (``fused=True``);
 * on CPU the backbone runs in channels_last (NHWC) memory format and hands contiguous maps to
-  the heads. Measured 2026-11-24 on the 2-core development machine (1 thread, fp32, torch 2.13,
-  oneDNN convolutions, interleaved medians, folded weights, another benchmark sharing the
-  cores): HRNetV2p-W18-Small backbone at 1x3x512x1024 1.34 s in channels_last against 1.67 s
-  contiguous (1.25x); at 1x3x256x512 the HRNetV2p-W48 backbone 2.59 s against 2.87 s, the
-  ResNetV1c-101-D8 backbone 5.51 s against 6.31 s. The heads, though, were slower in
-  channels_last (W18-Small: 5.02 s against 4.60 s; the fused OCR core wants NCHW anyway), so
-  the whole W18-Small model took 5.80 s with the channels_last backbone, 6.43 s all
-  contiguous, 6.64 s all channels_last.
+  the heads: oneDNN's convolutions are faster in NHWC, while the heads (the fused OCR core reads
+  NCHW) are faster contiguous; the whole model is fastest with that split (the measurements are
+  in docs/PERFORMANCE.md, "Measurements formerly in docstrings").
 """
 
 from __future__ import annotations
