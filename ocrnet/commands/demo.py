@@ -12,8 +12,8 @@ iteration, too slow for a few CPU minutes.
 
 Then: mIoU and per-class IoU on the synthetic val split (200 images, the IoU metric of
 :mod:`ocrnet.evaluation`), fps as segmentation papers quote it (batch 1, 5 warm-up then
-timed forwards, model in eval mode, only the forward timed), and ``predictions.png`` in the work dir: rows of
-image | label | prediction (class colours of ``SYNTHETIC_PALETTE``).
+timed forwards, model in eval mode, only the forward timed), and ``predictions.png`` in the
+work dir: rows of image | label | prediction (class colours of ``SYNTHETIC_PALETTE``).
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def _replace_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
 def apply_overrides(config: Config, options: T, assignments: Sequence[str]) -> tuple[Config, T]:
     """Apply ``key=value`` strings: ``model.*``, ``data.*``, ``schedule.*``, ``test.*`` and
     ``name`` change the config; ``train.<field>`` (or a bare field name) changes ``options``,
-    a dataclass such as :class:`ocrnet.engine.TrainOptions`. Values are Python literals. Raises ValueError naming the key."""
+    a dataclass such as :class:`ocrnet.engine.TrainOptions`. Values are Python literals.
+    Raises ValueError naming the key."""
     option_fields = {f.name for f in dataclasses.fields(options)}
     for item in assignments:
         key, sep, raw = item.partition("=")

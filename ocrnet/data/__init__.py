@@ -25,9 +25,9 @@ from .transforms import (Compose, Pad, PhotoMetricDistortion, RandomCrop, Random
                          RandomResize, Resize, SegCollate, build_collate, build_pipeline)
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataset", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE",
-           "CityscapesDataset", "Compose", "ConcatSegDataset", "DataError", "GlobalBatchSampler", "Pad",
-           "PascalVOCDataset", "PhotoMetricDistortion", "RandomCrop", "RandomFlip",
+           "CityscapesDataset", "Compose", "ConcatSegDataset", "DataError", "GlobalBatchSampler",
+           "Pad", "PascalVOCDataset", "PhotoMetricDistortion", "RandomCrop", "RandomFlip",
            "RandomResize", "Resize", "SYNTHETIC_CLASSES", "SegCollate", "SegDataset",
            "SyntheticDataset", "TransformedDataset", "VOC_CLASSES", "VOC_PALETTE",
-           "build_collate", "build_dataset", "build_pipeline", "build_split", "epoch_keyed", "read_image", "read_label",
-           "reduce_zero_label", "synthetic_data_config"]
+           "build_collate", "build_dataset", "build_pipeline", "build_split", "epoch_keyed",
+           "read_image", "read_label", "reduce_zero_label", "synthetic_data_config"]
