@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .utils.timing import time_interleaved
 
@@ -48,65 +48,10 @@ _POOL = 4  # distinct random inputs cycled through the timed forwards
 def count_flops(config, shape: tuple[int, int, int, int]) -> dict[str, int]:
     """FLOPs of one eager forward of ``config`` (a name or Config) on a ``shape``
     (B, 3, H, W) input, by part: ``{"backbone", "aux_head", "ocr_head", "total"}`` (see the
-    module docstring for what is counted)."""
-    from ocrkernels.modules import ObjectAttention, SpatialGather
+    module docstring for what is counted; :mod:`ocrnet.utils.flops` counts them)."""
+    from .utils import flops
 
-    from .models import build_segmentor
-    with torch.device("meta"):
-        model = build_segmentor(config, fused=False, init=False).eval()
-    parts = {"backbone": model.backbone, "aux_head": model.aux_head, "ocr_head": model.ocr_head}
-    counts = {part: 0 for part in parts}
-    current: list[str] = []
-
-    def add(flops: int) -> None:
-        counts[current[-1]] += flops
-
-    def conv_hook(m: nn.Conv2d, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        kh, kw = m.kernel_size
-        add(2 * out.numel() * (m.in_channels // m.groups) * kh * kw)
-
-    def linear_hook(m: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        add(2 * out.numel() * m.in_features)
-
-    def gather_hook(m: SpatialGather, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        feats, probs = inputs  # (B, C, H, W), (B, K, H, W)
-        b, c, h, w = feats.shape
-        add(2 * b * probs.shape[1] * c * h * w)
-
-    def attention_hook(m: ObjectAttention, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        feats, regions = inputs  # (B, C, H, W), (B, C, K, 1)
-        b, _, h, w = feats.shape
-        add(2 * 2 * b * h * w * regions.shape[2] * m.channels)  # query.key^T, then A.value
-
-    hooks = {nn.Conv2d: conv_hook, nn.Linear: linear_hook, SpatialGather: gather_hook,
-             ObjectAttention: attention_hook}
-    handles = []
-    for mod in model.modules():
-        for kind, hook in hooks.items():
-            if isinstance(mod, kind):
-                handles.append(mod.register_forward_hook(hook))
-                break
-
-    def enter(part: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def hook(m: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            current.append(part)
-        return hook
-
-    def leave(m: nn.Module, inputs: tuple[Tensor, ...], out: object) -> None:
-        current.pop()  # (a forward hook must return None, or it replaces the output)
-
-    for part, mod in parts.items():
-        # Attribute every FLOP to the top-level part that is running.
-        handles.append(mod.register_forward_pre_hook(enter(part)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
-        with torch.no_grad():
-            model(torch.empty(shape, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    counts["total"] = sum(counts.values())
-    return counts
+    return flops.count_flops(config, shape)
 
 
 def peak_rss_mib() -> float | None:

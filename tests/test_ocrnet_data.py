@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ocrnet.configs import get_config
 from ocrnet.data import (ADE20KDataset, CityscapesDataset, DataError, PascalVOCDataset,
@@ -168,6 +169,62 @@ def test_read_label_palette_png(tmp_path):
     with pytest.raises(DataError, match="rgb.png"):
         read_label(tmp_path / "rgb.png")
 
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_read_label_pillow_palette_png_shuffled(tmp_path, bits):
+    # Pillow-written palette PNGs (as VOC's tools write them) with a shuffled palette, so that
+    # colours and indices do not line up: the indices come back, at every bit depth.
+    rng = np.random.default_rng(bits)
+    colours = 1 << bits
+    idx = rng.integers(0, colours, (23, 31)).astype(np.uint8)
+    palette = rng.permutation(np.arange(256 * 3) % 256).astype(np.uint8)[:3 * colours]
+    img = Image.fromarray(idx, "P")
+    img.putpalette(palette.tobytes())
+    img.save(tmp_path / "p.png", bits=bits)
+    with Image.open(tmp_path / "p.png") as check:  # the file really is a palette PNG
+        assert check.mode == "P"
+    got = read_label(tmp_path / "p.png")
+    assert got.dtype == np.uint8 and got.shape == (23, 31)
+    np.testing.assert_array_equal(got, idx)
+    # Every entry black (duplicate colours): still the indices, not the colours.
+    img.putpalette(bytes(3 * colours))
+    img.save(tmp_path / "black.png", bits=bits)
+    np.testing.assert_array_equal(read_label(tmp_path / "black.png"), idx)
+
+
+def test_read_label_modes_and_errors(tmp_path):
+    lab = (np.arange(6 * 9).reshape(6, 9) % 21).astype(np.uint8)
+    lab[0, 0] = 255
+    Image.fromarray(lab, "L").save(tmp_path / "l.png")
+    Image.fromarray(lab.astype(np.uint16)).save(tmp_path / "i16.png")  # 16-bit, values <= 255
+    Image.fromarray(lab > 10).save(tmp_path / "one.png")  # 1-bit: 0 / 255, as OpenCV gave
+    np.testing.assert_array_equal(read_label(tmp_path / "l.png"), lab)
+    np.testing.assert_array_equal(read_label(tmp_path / "i16.png"), lab)
+    np.testing.assert_array_equal(read_label(tmp_path / "one.png"), (lab > 10) * 255)
+    Image.fromarray(lab.astype(np.uint16) * 300).save(tmp_path / "big16.png")
+    with pytest.raises(DataError, match=r"0\.\.255 \(dtype uint16\): .*big16\.png"):
+        read_label(tmp_path / "big16.png")
+    Image.fromarray(np.stack([lab, lab], -1), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.stack([lab] * 4, -1), "RGBA").save(tmp_path / "rgba.png")
+    for name in ("la.png", "rgba.png"):
+        with pytest.raises(DataError, match="single-channel.*" + name):
+            read_label(tmp_path / name)
+    # Corrupt and truncated PNGs fail as they did with OpenCV (libpng checks chunk CRCs).
+    data = (tmp_path / "l.png").read_bytes()
+    flipped = bytearray(data)
+    flipped[data.index(b"IDAT") + 6] ^= 0xFF
+    (tmp_path / "crc.png").write_bytes(bytes(flipped))
+    (tmp_path / "cut.png").write_bytes(data[:-10])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for name in ("crc.png", "cut.png", "junk.png"):
+        with pytest.raises(DataError, match="cannot decode label.*" + name):
+            read_label(tmp_path / name)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.*empty.png"):
+        read_label(tmp_path / "empty.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_label(tmp_path / "missing.png")
 
 def test_voc12aug_concatenates_train_and_aug(tmp_path):
     root = tmp_path / "VOCdevkit" / "VOC2012"
