@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -57,6 +54,8 @@ from ocrnet.benchmark import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops, peak_r
     time_forwards
 from ocrnet.models import build_segmentor
 from ocrnet.models.segmentor import count_parameters
+from ocrnet.utils.fileio import write_json_atomic
+from report import cpu_name, run_lines  # bench/report.py: the header lines bench/run.py prints too
 
 MODELS = {
     "hr18s": "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024",
@@ -153,17 +152,6 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
 # Output, CLI
 # --------------------------------------------------------------------------------------------
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def markdown_table(rows: list[dict]) -> str:
     cols = ["model", "path", "fps", "median s", "vs eager", "GFLOP", "GFLOP/s", "params M",
             "rel err"]
@@ -186,10 +174,9 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
     return "\n".join([
         "## ocrnet whole-model inference benchmark",
         "",
-        f"- torch {torch.__version__}; device: cpu ({_cpu_name()}); threads: "
+        f"- torch {torch.__version__}; device: cpu ({cpu_name()}); threads: "
         f"{torch.get_num_threads()}; logical CPUs: {os.cpu_count()}",
-        f"- date: {started.isoformat(timespec='seconds')} (start of the run)",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
+        *run_lines(started),
         f"- input: {'x'.join(map(str, shape))} float32, random; weights: mmseg random init, "
         "BatchNorm affine randomised and statistics calibrated on a random image (seed 0)",
         f"- timing: batch 1, {args.warmup} warm-up then {args.images} timed forwards per "
@@ -206,14 +193,6 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
 
 def _mib(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.0f} MiB"
-
-
-def write_json(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.models:
         rows += bench_model(key, shape, args.warmup, args.images)
         if args.json:  # after every model, so an interrupted run keeps what it measured
-            write_json(args.json, rows)
+            write_json_atomic(args.json, rows)
     print(header(args, shape, started, rows))
     print()
     print(markdown_table(rows))

@@ -13,7 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_model  # noqa: E402
-import run as bench_run  # noqa: E402
+import specs as bench_specs  # noqa: E402
 
 from ocrkernels.triton import gather_chunk  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_attention_bytes_by_hand():
 def test_attention_flops_match_the_benchmark():
     s = gpu_model.SHAPES["cityscapes"]
     costs = gpu_model.attention_eval_costs(s["B"], s["C"], s["D"], s["K"], s["H"] * s["W"], 2)
-    assert costs[("fused", "fwd")].flops == bench_run._object_attention_flops(s)
+    assert costs[("fused", "fwd")].flops == bench_specs._object_attention_flops(s)
 
 
 @pytest.mark.parametrize("shape", ["cityscapes", "ade20k"])
