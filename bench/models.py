@@ -9,7 +9,7 @@ float32 inputs of 1x3x512x1024 (1x3x256x512 with ``--quick``):
 * ``fast``: :func:`ocrnet.prepare_for_inference` of the same model: BatchNorm folded into the
   convolutions, fused OCR kernels, channels_last backbone on CPU (``ocrnet bench CONFIG``).
 
-Timing is :func:`ocrnet.benchmark.time_forwards`, the protocol fps is quoted with (and the one
+Timing is :func:`ocrnet.evaluation.speed.time_forwards`, the protocol fps is quoted with (and the one
 ``ocrnet bench`` uses): batch 1, ``--warmup`` (5) untimed forwards, then ``--images`` (200)
 timed ones under ``torch.no_grad()``, only the forward inside the timer; the two paths
 alternate image by image (the order rotating), so that a busy machine slows both alike.
@@ -17,7 +17,7 @@ alternate image by image (the order rotating), so that a busy machine slows both
 ratio of the two fps of the same run. ``rel err`` is max |fast - eager| / max |eager| of the
 logits, checked once before timing.
 
-FLOPs (``GFLOP``, :func:`ocrnet.benchmark.count_flops`, the same count for both rows, so
+FLOPs (``GFLOP``, :func:`ocrnet.evaluation.speed.count_flops`, the same count for both rows, so
 ``GFLOP/s`` is proportional to speed): 2 x the multiply-adds of the eager model's convolutions,
 linear layers and OCR-core matmuls (gather, similarities, context); BatchNorm, activations,
 softmax, resizes and sums are not counted; mmseg's tables count multiply-adds (GFLOP / 2). The
@@ -50,7 +50,7 @@ except ImportError:  # a source checkout without `pip install -e .`: use the tre
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ocrnet
 
-from ocrnet.benchmark import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops, peak_rss_mib, \
+from ocrnet.evaluation.speed import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops, peak_rss_mib, \
     time_forwards
 from ocrnet.models import build_segmentor
 from ocrnet.models.segmentor import count_parameters

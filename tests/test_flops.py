@@ -1,4 +1,4 @@
-"""ocrnet.utils.flops: FLOPs by FlopCounterMode, the same numbers as the forward-hook counter
+"""ocrnet.utils.flops and ocrkernels.flops: FLOPs by FlopCounterMode, the same numbers as the forward-hook counter
 it replaced, and the same total for the fused inference path as for the reference."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ocrkernels
 import ocrnet
-from ocrnet.benchmark import count_flops as bench_count_flops
-from ocrnet.configs import get_config
+from ocrkernels.flops import object_attention_eval_flops, spatial_gather_flops
+from ocrnet.configs import SYNTHETIC_CONFIGS, get_config
+from ocrnet.evaluation.speed import count_flops
 from ocrnet.models import build_segmentor
-from ocrnet.train import SYNTHETIC_CONFIGS
-from ocrnet.utils.flops import (count_flops, count_model_flops, object_attention_eval_flops,
-                                spatial_gather_flops)
+from ocrnet.utils.flops import count_model_flops
 
 needs_ext = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                reason="ocrkernels._C is not built")
@@ -53,7 +52,6 @@ HOOK_COUNTS_SMALL = {
 def test_published_configs_count_as_before(name):
     h, w = get_config(name).data.crop_size
     assert count_flops(name, (1, 3, h, w)) == HOOK_COUNTS[name]
-    assert bench_count_flops(name, (1, 3, h, w)) == HOOK_COUNTS[name]
 
 
 def test_aux_head_by_hand():

@@ -52,7 +52,7 @@ def test_demo_runs_and_its_numbers_match_a_fresh_evaluation(tmp_path):
     from ocrnet.api import init_model
     from ocrnet.commands.demo import DEMO_CONFIG, run_demo
     from ocrnet.configs import SYNTHETIC_CONFIGS
-    from ocrnet.evaluation import evaluate
+    from ocrnet.evaluation.evaluate import evaluate
 
     work = tmp_path / "demo"
     out = run_demo(minutes=0.05, work_dir=work, json_path=tmp_path / "demo.json",

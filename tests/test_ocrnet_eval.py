@@ -27,14 +27,15 @@ from test_modules import randomise_batchnorm
 from torch import nn
 
 import ocrnet
-from ocrnet.benchmark import bench_config, count_flops, time_forwards
+from ocrnet.evaluation.speed import bench_config, count_flops, time_forwards
 from ocrnet.cli import main as cli_main
 from ocrnet.commands.test import run_test
 from ocrnet.configs import SYNTHETIC_CONFIGS
 from ocrnet.data import SyntheticDataset, build_collate, build_pipeline
 from ocrnet.data import reduce_zero_label as reduce_zero_label_map
 from ocrnet.data.palettes import colourise, overlay, palette_for
-from ocrnet.evaluation import IoUMetric, evaluate, format_table, json_ready
+from ocrnet.evaluation import IoUMetric, format_table, json_ready
+from ocrnet.evaluation.evaluate import evaluate
 from ocrnet.inference import predict_batch, predict_logits, slide_logits
 from ocrnet.inference.tta import multiscale_flip, tta_sizes
 from ocrnet.models import build_segmentor

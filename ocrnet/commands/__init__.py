@@ -1,10 +1,20 @@
-"""The command line's subcommands, one module each, every one with ``add_parser(sub)`` and
-``run(args) -> exit status``; :mod:`ocrnet.commands.errors` is their one error printer."""
+"""The command line's subcommands, one module each (``ocrnet.commands.<name>``), every one with
+``add_parser(sub)`` and ``run(args) -> exit status``; :mod:`ocrnet.commands.errors` is their
+one error printer.
 
-from . import bench, configs, convert, demo, infer, test, train
+:mod:`ocrnet.cli` imports only the module of the command that runs: ``ocrnet configs`` and
+``ocrnet convert`` then work without what the others need (OpenCV, the data pipeline).
+"""
 
-# In the order `ocrnet --help` lists them.
-COMMANDS = {"convert": convert, "configs": configs, "train": train, "test": test,
-            "infer": infer, "bench": bench, "demo": demo}
+# Every command and its one-line help, in the order `ocrnet --help` lists them.
+HELP = {
+    "convert": "convert a mmsegmentation checkpoint to ocrnet format",
+    "configs": "list the config names",
+    "train": "train a config (iteration-based SGD, poly lr; torchrun for DDP)",
+    "test": "evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun)",
+    "infer": "segment images: colourised masks and overlays as PNG",
+    "bench": "fps (batch 1), FLOPs, parameters and peak memory of a config",
+    "demo": "train a small OCRNet on the synthetic set on the CPU and evaluate it",
+}
 
-__all__ = ["COMMANDS"]
+__all__ = ["HELP"]

@@ -7,8 +7,9 @@ import json
 
 import torch
 
-from ..benchmark import DEFAULT_IMAGES, DEFAULT_WARMUP, bench_config, format_result
+from ..evaluation.speed import DEFAULT_IMAGES, DEFAULT_WARMUP, bench_config, format_result
 from ..utils.fileio import write_text_atomic
+from . import HELP
 from .errors import print_error
 
 __all__ = ["add_parser", "run"]
@@ -17,7 +18,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     """The ``ocrnet bench`` subcommand's arguments."""
     b = sub.add_parser(
-        "bench", help="fps (batch 1), FLOPs, parameters and peak memory of a config",
+        "bench", help=HELP["bench"],
         description="Time CONFIG's forward as fps is usually quoted: batch 1, --images timed "
                     "forwards after --warmup untimed ones, only the forward timed "
                     "(synchronised on GPU); also FLOPs, parameters and peak memory.")

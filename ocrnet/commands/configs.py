@@ -6,12 +6,14 @@ import argparse
 
 from ..configs import list_configs
 
+from . import HELP
+
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub) -> None:
     """The ``ocrnet configs`` subcommand (no arguments)."""
-    sub.add_parser("configs", help="list the config names")
+    sub.add_parser("configs", help=HELP["configs"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..models.checkpoint import convert_checkpoint, describe_state_dict, read_checkpoint
+from . import HELP
 from .errors import print_error
 
 __all__ = ["add_parser", "run"]
@@ -13,7 +14,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub) -> None:
     """The ``ocrnet convert`` subcommand's arguments."""
-    c = sub.add_parser("convert", help="convert a mmsegmentation checkpoint to ocrnet format",
+    c = sub.add_parser("convert", help=HELP["convert"],
                        description="Read SRC (mmsegmentation or ocrnet checkpoint) and write "
                                    "DST in ocrnet format, atomically.")
     c.add_argument("src", help="checkpoint to read")

@@ -34,10 +34,11 @@ from ..data import SyntheticDataset, build_collate, build_pipeline
 from ..data.io import write_png_atomic
 from ..data.synthetic import SYNTHETIC_PALETTE
 from ..engine import Trainer, TrainOptions
-from ..evaluation import evaluate
+from ..evaluation.evaluate import evaluate
 from ..inference import predict_logits
 from ..utils.fileio import write_text_atomic
 from ..utils.timing import time_interleaved
+from . import HELP
 from .errors import print_error
 
 __all__ = ["DEMO_CONFIG", "add_parser", "draw_predictions", "measure_fps", "run", "run_demo"]
@@ -48,7 +49,7 @@ DEMO_CONFIG = "ocrnet_hrlite12_1xb8-600_synthetic-64x128"
 def add_parser(sub) -> None:
     """The ``ocrnet demo`` subcommand's arguments."""
     d = sub.add_parser(
-        "demo", help="train a small OCRNet on the synthetic set on the CPU and evaluate it",
+        "demo", help=HELP["demo"],
         description="Train a narrow HRNet OCRNet on the embedded synthetic dataset within a "
                     "time budget, evaluate it on the synthetic val split (mIoU, per-class "
                     "IoU, fps) and save a PNG of predictions next to their labels.")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ..engine.checkpointing import CheckpointInvalid
-from ..models.checkpoint import CheckpointError
+from ..models.checkpoint import CheckpointError, CheckpointInvalid
 
 __all__ = ["USER_ERRORS", "one_line", "print_error", "quiet_opencv"]
 

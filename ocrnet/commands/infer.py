@@ -11,6 +11,7 @@ import torch
 from ..api import load_model
 from ..inference import prepare_for_inference, resolve_test_config
 from ..inference.files import segment_files
+from . import HELP
 from .errors import print_error, quiet_opencv
 from .options import add_mode_options
 
@@ -20,7 +21,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     """The ``ocrnet infer`` subcommand's arguments."""
     i = sub.add_parser(
-        "infer", help="segment images: colourised masks and overlays as PNG",
+        "infer", help=HELP["infer"],
         description="Segment IMAGES with MODEL (a checkpoint, or a config name for random "
                     "weights) and write <stem>_mask.png (dataset palette) and "
                     "<stem>_overlay.png for each into --out.")

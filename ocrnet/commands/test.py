@@ -17,10 +17,12 @@ from ..api import init_model
 from ..configs import resolve_config
 from ..data import build_split
 from ..data.io import Progress, write_png_atomic
-from ..evaluation import evaluate, format_table, json_ready
+from ..evaluation import format_table, json_ready
+from ..evaluation.evaluate import evaluate
 from ..inference import prepare_for_inference, resolve_test_config
 from ..utils.distributed import setup_distributed
 from ..utils.fileio import write_text_atomic
+from . import HELP
 from .errors import print_error, quiet_opencv
 from .options import add_mode_options
 
@@ -30,7 +32,7 @@ __all__ = ["add_parser", "run", "run_test"]
 def add_parser(sub) -> None:
     """The ``ocrnet test`` subcommand's arguments."""
     t = sub.add_parser(
-        "test", help="evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun)",
+        "test", help=HELP["test"],
         description="Evaluate CHECKPOINT with CONFIG's test pipeline on its dataset's val "
                     "split: per-class IoU / Acc, aAcc, mIoU, mAcc (mmseg's definitions). "
                     "Several processes: torchrun --nproc_per_node N -m ocrnet test ...")

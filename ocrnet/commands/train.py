@@ -7,6 +7,7 @@ import os
 
 from ..engine import TrainOptions, train
 from ..engine.logging import hms
+from . import HELP
 from .errors import print_error
 
 __all__ = ["add_parser", "run"]
@@ -15,7 +16,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     """The ``ocrnet train`` subcommand's arguments."""
     t = sub.add_parser(
-        "train", help="train a config (iteration-based SGD, poly lr; torchrun for DDP)",
+        "train", help=HELP["train"],
         description="Train CONFIG (a name from `ocrnet configs`, a synthetic config of "
                     "ocrnet.configs.SYNTHETIC_CONFIGS, or a config.json). Several processes: "
                     "torchrun --nproc_per_node N -m ocrnet train CONFIG ...")

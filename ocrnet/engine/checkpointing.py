@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
+from ..models.checkpoint import CheckpointInvalid
 from ..utils.fileio import atomic_write
 
 __all__ = ["CheckpointInvalid", "find_resume_checkpoint", "list_checkpoints",
            "load_training_checkpoint", "prune_checkpoints", "save_training_checkpoint"]
-
-
-class CheckpointInvalid(RuntimeError):
-    """A training checkpoint that cannot be resumed from (truncated, corrupt, incomplete)."""
 
 
 _CKPT_RE = re.compile(r"^iter_(\d+)\.pth$")

@@ -1,6 +1,6 @@
 """Dataset evaluation with mmsegmentation's IoU metric.
 
-    from ocrnet.evaluation import evaluate
+    from ocrnet.evaluation.evaluate import evaluate
     result = evaluate(model, dataset, config)       # dataset yields (img BGR, label, meta)
     result["mIoU"], result["IoU"]                   # percent (result["miou"]: a fraction)
 

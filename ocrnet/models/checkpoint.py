@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from ..utils.fileio import atomic_write
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "convert_checkpoint", "describe_state_dict",
-           "load_backbone_pretrained", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointInvalid", "FORMAT", "VERSION", "convert_checkpoint",
+           "describe_state_dict", "load_backbone_pretrained", "load_checkpoint",
+           "read_checkpoint", "save_checkpoint"]
 
 FORMAT = "ocrnet"
 VERSION = 1
@@ -47,6 +48,11 @@ IMAGENET_HEAD_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.",
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit the model; the message names the file."""
+
+
+class CheckpointInvalid(RuntimeError):
+    """A training checkpoint that cannot be resumed from (truncated, corrupt, incomplete);
+    raised by :mod:`ocrnet.engine.checkpointing`."""
 
 
 def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -1,118 +1,28 @@
-"""FLOPs of one forward, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+"""FLOPs of one forward by part of an OCRNet, counted by
+``torch.utils.flop_counter.FlopCounterMode``.
 
 What is counted: 2 x the multiply-adds of every convolution (2 x output elements x
 in_channels / groups x kernel area) and matrix product (``mm``, ``bmm``, ``addmm``, ... : 2 x
-M x N x K) that torch dispatches, plus the project's custom ops under ``torch.ops.ocrkernels``,
-whose formulas are registered here (FlopCounterMode knows only aten ops). Bias adds,
-BatchNorm, ReLU, softmax, resizes and sums are not counted. mmseg's tables (fvcore / mmcv
-counters) count one multiply-add as one "FLOP": compare theirs with FLOPs / 2.
+M x N x K) that torch dispatches, plus the ``torch.ops.ocrkernels`` ops, whose formulas
+:mod:`ocrkernels.flops` registers (charged what the plain-PyTorch reference spends, so the fused
+inference path and the reference report the same total). Bias adds, BatchNorm, ReLU, softmax,
+resizes and sums are not counted. mmseg's tables (fvcore / mmcv counters) count one
+multiply-add as one "FLOP": compare theirs with FLOPs / 2.
 
-The custom ops are charged what the plain-PyTorch reference spends on the same work, so that
-the fused inference path (``ocrnet.prepare_for_inference``) and the reference report the same
-total for one model and input:
-
-* ``spatial_gather`` (and ``spatial_gather_forward``, which the op's autograd wrapper calls):
-  the matmul (B, K, N) x (B, N, C), 2 x B x K x C x N; ``spatial_gather_backward`` the two
-  matmuls of its gradients, twice that;
-* ``object_attention_eval``: the reference block's per-pixel work (see
-  :func:`object_attention_eval_flops`), less the product its caller already ran as a counted
-  matmul;
-* ``pixel_matmul`` / ``pixel_matmul_into`` / ``pixel_matmul_nt`` (the training-mode attention's
-  1x1 convolutions and weight gradients): the matmuls they are.
-
-The Triton kernels are launched from Python, not through these ops, and are not counted.
-
-The formulas are registered when this module is imported (and only when the compiled op
-library is loaded; without it no custom op can run). Meta tensors need nothing special: the
-OCR modules run their reference on them (``ocrkernels.ops.resolve_backend``), and a custom op
+Meta tensors need nothing special: the OCR modules run their reference on them, and a custom op
 called directly on meta tensors goes through its registered fake and is counted the same.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
-from ocrkernels import ops as _ops
-
-from ..models import build_segmentor
-
-__all__ = ["PARTS", "count_flops", "count_model_flops", "object_attention_eval_flops",
-           "pixel_matmul_flops", "pixel_matmul_nt_flops", "spatial_gather_flops"]
+__all__ = ["PARTS", "count_model_flops"]
 
 # The top-level parts of an OCRNet, the keys (with "total") of the counts returned here.
 PARTS = ("backbone", "aux_head", "ocr_head")
-
-
-def spatial_gather_flops(probs_shape, feats_shape, *args, out_shape=None, **kwargs) -> int:
-    """probs (B, K, H, W), feats (B, C, H, W): the matmul (B, K, N) x (B, N, C), N = H * W."""
-    b, k = probs_shape[:2]
-    return 2 * b * k * feats_shape[1] * math.prod(probs_shape[2:])
-
-
-def _spatial_gather_backward_flops(grad_out_shape, probs_shape, feats_shape, *args,
-                                   out_shape=None, **kwargs) -> int:
-    # grad_out (B, C, K, 1): grad of the softmax weights grad_out^T . feats and grad of the
-    # features weights^T . grad_out, each as large as the forward's matmul.
-    return 2 * spatial_gather_flops(probs_shape, feats_shape)
-
-
-def object_attention_eval_flops(feats_shape, query_w1_shape, query_b1_shape, query_w2_shape,
-                                query_b2_shape, keys_shape, values_shape, *args,
-                                out_shape=None, **kwargs) -> int:
-    """The eval-mode attention kernel, charged as the reference block it stands for.
-
-    Shapes: feats (B, C, H, W), query_w1 (D, C), keys (B, K, D), values (B, C, K); N = H * W.
-    The reference (``ocrkernels.reference.object_attention``) spends per pixel
-    2 x (C D + D D) on query_project's two 1x1 convs, 2 x K D on the similarities, 2 x K D on
-    the context (in D channels), 2 x D C on out_project's conv and 2 x 2C C on the bottleneck
-    over the concat: 2 B N (2 C D + D D + 2 K D + 2 C C) in all. The kernel does less (the
-    context is taken over ``values``, out_project already applied to the K value vectors) and
-    its caller (``ObjectAttention._fused_eval``) ran that up-projection as a matmul
-    (C, D) x (B, D, K), which the counter counts: 2 B C D K. That is subtracted here, so that
-    the block totals the reference's. The difference can make this op's own entry negative
-    for maps of a few pixels (N < C D K / (2 C D + D D + 2 K D + 2 C C), about 21 pixels at
-    C = 512, D = 256, K = 150); the block's and the model's totals stay the reference's.
-    (With an infinite out_project weight, or on fake tensors, the caller's up-projection takes
-    a second, (C, D) x (B, D, 1) matmul, and the fused total exceeds the reference's by it.)
-    """
-    b, c, h, w = feats_shape
-    d, k = query_w1_shape[0], keys_shape[1]
-    per_pixel = 2 * c * d + d * d + 2 * k * d + 2 * c * c
-    return 2 * b * h * w * per_pixel - 2 * b * c * d * k
-
-
-def pixel_matmul_flops(weight_shape, x_shape, weight2_shape=None, x2_shape=None, *args,
-                       out_shape=None, **kwargs) -> int:
-    """weight (M, J), x (B, J, N) [+ weight2 (M, J2), x2 (B, J2, N)] -> (B, M, N)."""
-    b, j, n = x_shape
-    m = weight_shape[0]
-    inner = j + (weight2_shape[1] if weight2_shape is not None else 0)
-    return 2 * b * m * n * inner
-
-
-def pixel_matmul_nt_flops(a_shape, y_shape, *args, out_shape=None, **kwargs) -> int:
-    """a (B, M, N), y (B, J, N) -> (M, J): sum over b of a[b] . y[b]^T."""
-    b, m, n = a_shape
-    return 2 * b * m * n * y_shape[1]
-
-
-def _register_formulas() -> None:
-    """Teach FlopCounterMode the ocrkernels ops (it counts only ops with a formula)."""
-    lib = torch.ops.ocrkernels
-    register_flop_formula([lib.spatial_gather, lib.spatial_gather_forward])(
-        spatial_gather_flops)
-    register_flop_formula(lib.spatial_gather_backward)(_spatial_gather_backward_flops)
-    register_flop_formula(lib.object_attention_eval)(object_attention_eval_flops)
-    register_flop_formula([lib.pixel_matmul, lib.pixel_matmul_into])(pixel_matmul_flops)
-    register_flop_formula(lib.pixel_matmul_nt)(pixel_matmul_nt_flops)
-
-
-if _ops.extension_loaded():
-    _register_formulas()
 
 
 def _tracked_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -162,15 +72,3 @@ def count_model_flops(model: nn.Module, x: Tensor) -> dict[str, int]:
         raise RuntimeError(f"count_model_flops: {counter.get_total_flops()} FLOPs counted in "
                            f"all, {counts['total']} of them in the parts {PARTS}")
     return counts
-
-
-def count_flops(config, shape: tuple[int, int, int, int]) -> dict[str, int]:
-    """FLOPs of one eager (reference) forward of ``config`` (a name or Config) on a ``shape``
-    = (B, 3, H, W) input, by part: ``{"backbone", "aux_head", "ocr_head", "total"}``.
-
-    The model is built on the "meta" device (no memory, no arithmetic), in eval mode with the
-    plain-PyTorch OCR head; the fused inference path of the same model counts the same.
-    """
-    with torch.device("meta"):
-        model = build_segmentor(config, fused=False, init=False).eval()
-    return count_model_flops(model, torch.empty(shape, device="meta"))

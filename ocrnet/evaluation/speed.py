@@ -1,25 +1,25 @@
-"""Inference speed as users quote it, FLOPs, parameters and peak memory; ``ocrnet bench``.
+"""Inference speed as users quote it, FLOPs, parameters and peak memory (``ocrnet bench``,
+``bench/models.py``).
 
     ocrnet bench ocrnet_hr18s_4xb2-40k_cityscapes-512x1024            # fused (fast path)
     ocrnet bench ocrnet_hr18s_4xb2-40k_cityscapes-512x1024 --no-fused # plain-PyTorch reference
 
-Protocol (DESIGN.md section 4, mmseg's ``tools/analysis_tools/benchmark.py``): batch 1, the
+Protocol (mmseg's ``tools/analysis_tools/benchmark.py``): batch 1, the
 model in eval mode under ``torch.no_grad()``, ``warmup`` (5) untimed forwards, then ``images``
 (200) timed forwards; only ``model(x)`` is inside the timer (inputs are made beforehand), and
 on CUDA the device is synchronised before the clock starts and before it stops. fps = images /
 the summed forward time. The inputs are random normalised images of the config's crop size
 (512x1024 for Cityscapes); the forward's cost does not depend on pixel values, so a pool of
 a few distinct inputs is cycled rather than 200 held in memory. :func:`time_forwards` takes
-several models and alternates them image by image, so that on a shared machine a slow spell
-slows all of them alike (``bench/models.py`` times fused against reference this way).
+several models and alternates them image by image (:mod:`ocrnet.utils.timing`), so that on a
+shared machine a slow spell slows all of them alike (``bench/models.py`` times fused against
+reference this way).
 
 FLOPs (:func:`count_flops`): 2 x the multiply-adds of one eager forward, counted on the "meta"
-device (no memory, no arithmetic): every ``nn.Conv2d`` (2 x output elements x in_channels /
-groups x kernel area) and ``nn.Linear`` through forward hooks, plus the OCR core's matmuls,
-which are not modules: the spatial gather (2 x B x K x C x N) and the object attention's
-similarities and context (2 x 2 x B x N x K x D). Bias adds, BatchNorm, ReLU, softmax, resizes
-and sums are not counted. mmseg's tables (fvcore / mmcv counters) count one multiply-add as one
-"FLOP": compare their numbers with ``gmac`` = GFLOP / 2.
+device (no memory, no arithmetic) by ``FlopCounterMode``: convolutions and matrix products,
+the OCR core's included (:mod:`ocrnet.utils.flops`). Bias adds, BatchNorm, ReLU, softmax,
+resizes and sums are not counted. mmseg's tables (fvcore / mmcv counters) count one
+multiply-add as one "FLOP": compare their numbers with ``gmac`` = GFLOP / 2.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed forwards of each model;
 on the CPU the process's peak resident set size (``ru_maxrss``: weights, inputs, activations
@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .utils.timing import time_interleaved
+from ..api import init_model
+from ..configs import resolve_config
+from ..data.io import Progress
+from ..inference import prepare_for_inference
+from ..models import build_segmentor
+from ..models.segmentor import count_parameters
+from ..utils.flops import count_model_flops
+from ..utils.timing import time_interleaved
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_WARMUP", "bench_config", "count_flops", "peak_rss_mib",
            "time_forwards"]
@@ -46,12 +53,15 @@ _POOL = 4  # distinct random inputs cycled through the timed forwards
 
 
 def count_flops(config, shape: tuple[int, int, int, int]) -> dict[str, int]:
-    """FLOPs of one eager forward of ``config`` (a name or Config) on a ``shape``
-    (B, 3, H, W) input, by part: ``{"backbone", "aux_head", "ocr_head", "total"}`` (see the
-    module docstring for what is counted; :mod:`ocrnet.utils.flops` counts them)."""
-    from .utils import flops
+    """FLOPs of one eager (reference) forward of ``config`` (a name or Config) on a ``shape``
+    = (B, 3, H, W) input, by part: ``{"backbone", "aux_head", "ocr_head", "total"}``.
 
-    return flops.count_flops(config, shape)
+    The model is built on the "meta" device (no memory, no arithmetic), in eval mode with the
+    plain-PyTorch OCR head; the fused inference path of the same model counts the same.
+    """
+    with torch.device("meta"):
+        model = build_segmentor(config, fused=False, init=False).eval()
+    return count_model_flops(model, torch.empty(shape, device="meta"))
 
 
 def peak_rss_mib() -> float | None:
@@ -130,11 +140,6 @@ def bench_config(config, *, fused: bool = True, shape: tuple[int, int] | None = 
         ``gmac``, ``gflop_parts``, ``params_m`` (millions), ``peak_mem_mib`` and
         ``peak_mem_kind`` ("cuda allocated" or "process RSS").
     """
-    from .api import init_model
-    from .configs import resolve_config
-    from .data.io import Progress
-    from .inference import prepare_for_inference
-    from .models.segmentor import count_parameters
 
     cfg = resolve_config(config)
     if device == "auto":
