@@ -103,7 +103,7 @@ def test_the_module_runs_the_triton_chain_only_when_auto_resolves_to_triton(monk
     want = other(feats, regions)
     assert len(calls) == 1
     # CUDA tensors without Triton resolve to "cuda" or "reference": the PyTorch chain
-    monkeypatch.setattr(ocrkernels.ops, "resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr(ocrkernels.backends, "resolve_backend", lambda backend, device: "cuda")
     copy.deepcopy(other)(feats, regions)
     assert len(calls) == 1
     assert rel_err(got, want) < 1e-5

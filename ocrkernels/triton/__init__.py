@@ -21,6 +21,7 @@ Where the kernels run:
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -42,8 +43,8 @@ def triton_import_error() -> str | None:
     global _IMPORT_ERROR
     if _IMPORT_ERROR is _UNSET:
         try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
+            importlib.import_module("triton")
+            importlib.import_module("triton.language")
 
             _IMPORT_ERROR = None
         except Exception as exc:  # noqa: BLE001 - a broken install may raise anything
