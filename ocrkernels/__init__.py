@@ -5,13 +5,18 @@
     head = ocrkernels.OCRHead(in_channels=270, num_classes=19, fused=True)
     logits = head(feats, coarse_logits)                             # (B, 19, H, W)
 
-See :mod:`ocrkernels.ops` for the backends and :mod:`ocrkernels.reference` for the semantics.
+See :mod:`ocrkernels.ops` for the functional ops, :mod:`ocrkernels.backends` for the backends
+and :mod:`ocrkernels.reference` for the semantics.
 """
 
 from . import reference
+from ._fakes import register as _register_fakes
+from .backends import BACKENDS, available_backends, resolve_backend
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
-from .ops import BACKENDS, available_backends, resolve_backend, spatial_gather
+from .ops import spatial_gather
+
+_register_fakes()  # the compiled ops' shape functions, for torch.compile and FakeTensor
 
 __version__ = "0.1.0"
 

@@ -34,11 +34,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from .backends import compiled_bn_relu, compiled_pixel_matmul
 from .batchnorm import batch_stats, grad_sums, input_grad, reduce_grad_sums
-from .ops import extension_loaded
-
-_HAS_CPU_OPS = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "ocrkernels::pixel_matmul", "CPU")
 
 __all__ = ["object_attention_train"]
 
@@ -55,25 +52,12 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-# The CUDA twins of the BatchNorm-ReLU passes (csrc/ocrkernels/cuda), where built. The GEMMs
-# stay with cuBLAS on CUDA: the CUDA pixel_matmul kernels are plain baselines.
-_HAS_CUDA_BN = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "ocrkernels::bn_relu_backward_apply_inplace", "CUDA")
-
-
-def _fused_bn(z: Tensor) -> bool:
-    if z.dtype not in (torch.float32, torch.float64):
-        return False
-    return ((z.device.type == "cpu" and _HAS_CPU_OPS)
-            or (z.device.type == "cuda" and _HAS_CUDA_BN))
-
-
 def _bn_relu(z: Tensor, mean: Tensor, scale: Tensor, beta: Tensor,
              inplace: bool = False) -> Tensor:
     """relu((z - mean) * scale + beta), over z itself with ``inplace``. The forward and the
     recompute call this same arithmetic, so the ReLU masks of backward are bit-identical to the
     forward's."""
-    if _fused_bn(z):
+    if compiled_bn_relu(z):
         if inplace:
             torch.ops.ocrkernels.bn_relu_inplace(z, mean, scale, beta)
             return z
@@ -89,15 +73,16 @@ def _bn_relu_backward(dh: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma
     """(dz, dgamma, dbeta) of relu(bn(z)) under batch statistics (mean, invstd); with
     ``inplace``, dz may be written over dh (a map the caller owns)."""
     scale = gamma * invstd
-    if _fused_bn(z):
-        ops = torch.ops.ocrkernels
-        sums = ops.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
+    if compiled_bn_relu(z):
+        kernels = torch.ops.ocrkernels
+        sums = kernels.bn_relu_backward_reduce(dh, z, mean, invstd, scale, beta)
         dgamma, dbeta = reduce_grad_sums(sums, group)
         if inplace and dh.is_contiguous():
-            ops.bn_relu_backward_apply_inplace(dh, z, mean, invstd, scale, beta, sums,
-                                               float(count))
+            kernels.bn_relu_backward_apply_inplace(dh, z, mean, invstd, scale, beta, sums,
+                                                   float(count))
             return dh, dgamma, dbeta
-        dz = ops.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums, float(count))
+        dz = kernels.bn_relu_backward_apply(dh, z, mean, invstd, scale, beta, sums,
+                                            float(count))
         return dz, dgamma, dbeta
     g = dh.masked_fill(_bn_relu(z, mean, scale, beta) <= 0, 0)
     xhat = (z - _col(mean)) * _col(invstd)
@@ -106,15 +91,12 @@ def _bn_relu_backward(dh: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma
     return input_grad(g, xhat, sums, count, scale), dgamma, dbeta
 
 
-def _fast_nn(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_CPU_OPS
-
-
-def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None,
-        out: Tensor | None = None) -> Tensor:
-    """w @ x[b] (+ w2 @ x2[b]) for every b: a 1x1 conv over (B, J, N) maps -> (B, M, N),
+def _weight_matmul(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None,
+                   out: Tensor | None = None) -> Tensor:
+    """w @ x[b] (+ w2 @ x2[b]) for every b, one (M, J) weight for all images: a 1x1 conv over
+    (B, J, N) maps -> (B, M, N),
     written into ``out`` when given (a contiguous map the caller no longer needs)."""
-    if _fast_nn(x):
+    if compiled_pixel_matmul(x):
         if out is None:
             return torch.ops.ocrkernels.pixel_matmul(w, x, w2, x2)
         torch.ops.ocrkernels.pixel_matmul_into(w, x, w2, x2, out)
@@ -129,21 +111,21 @@ def _nn(w: Tensor, x: Tensor, w2: Tensor | None = None, x2: Tensor | None = None
     return out
 
 
-def _bnn(w: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+def _image_weight_matmul(w: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     """w[b] @ x[b]: per-image (K-column) weights, (B, M, J) x (B, J, N) -> (B, M, N), written
-    into ``out`` when given; :func:`_nn` image by image."""
+    into ``out`` when given; :func:`_weight_matmul` image by image."""
     if x.shape[0] == 1:
-        return _nn(w[0], x, out=out)
+        return _weight_matmul(w[0], x, out=out)
     if out is None:
         out = x.new_empty((x.shape[0], w.shape[1], x.shape[2]))
     for b in range(x.shape[0]):
-        _nn(w[b], x[b:b + 1], out=out[b:b + 1])
+        _weight_matmul(w[b], x[b:b + 1], out=out[b:b + 1])
     return out
 
 
-def _nt(a: Tensor, y: Tensor) -> Tensor:
+def _summed_matmul_t(a: Tensor, y: Tensor) -> Tensor:
     """sum_b a[b] @ y[b]^T: a weight gradient summed over the batch, (M, J)."""
-    if _fast_nn(a):
+    if compiled_pixel_matmul(a):
         return torch.ops.ocrkernels.pixel_matmul_nt(a, y)
     out = torch.mm(a[0], y[0].t())
     for b in range(1, a.shape[0]):
@@ -151,9 +133,9 @@ def _nt(a: Tensor, y: Tensor) -> Tensor:
     return out
 
 
-def _bnt(a: Tensor, y: Tensor) -> Tensor:
-    """a[b] @ y[b]^T per image, (B, M, J): :func:`_nt` image by image."""
-    return torch.stack([_nt(a[b:b + 1], y[b:b + 1]) for b in range(a.shape[0])])
+def _image_matmul_t(a: Tensor, y: Tensor) -> Tensor:
+    """a[b] @ y[b]^T per image, (B, M, J): :func:`_summed_matmul_t` image by image."""
+    return torch.stack([_summed_matmul_t(a[b:b + 1], y[b:b + 1]) for b in range(a.shape[0])])
 
 
 class _Forward:
@@ -164,17 +146,17 @@ class _Forward:
         self.wc, self.wx = wc, wx
 
     def stage1(self) -> Tensor:
-        return _nn(self.w1, self.x)
+        return _weight_matmul(self.w1, self.x)
 
     def stage2(self, h1: Tensor) -> Tensor:
-        return _nn(self.w2, h1)
+        return _weight_matmul(self.w2, h1)
 
     def stage3(self, h2: Tensor) -> tuple[Tensor, Tensor]:
-        attn = torch.softmax(_bnn(self.keys, h2), dim=1)  # B, K, N
-        return attn, _bnn(self.values, attn)
+        attn = torch.softmax(_image_weight_matmul(self.keys, h2), dim=1)  # B, K, N
+        return attn, _image_weight_matmul(self.values, attn)
 
     def stage4(self, c: Tensor) -> Tensor:
-        return _nn(self.wc, c, self.wx, self.x)
+        return _weight_matmul(self.wc, c, self.wx, self.x)
 
 
 class _ObjectAttentionTrain(torch.autograd.Function):
@@ -260,7 +242,7 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         # Weight gradients are skipped when nobody asks for them (frozen weights, or autograd
         # asked only for input gradients): they are a third of the backward's FLOPs.
         def wgrad(i: int, a: Tensor, b: Tensor) -> Tensor | None:
-            return _nt(a, b) if ctx.needs_input_grad[i] else None
+            return _summed_matmul_t(a, b) if ctx.needs_input_grad[i] else None
 
         # Every map below except dout, the kept tensors and x is this backward's own: a
         # gradient overwrites the map it is computed from, or one that is no longer needed, so
@@ -269,29 +251,29 @@ class _ObjectAttentionTrain(torch.autograd.Function):
         dz4, dg4, db4 = bn_backward(dout.contiguous(), z4, 3, inplace=False)
         del z4
         dwc, dwx = wgrad(11, dz4, c), wgrad(12, dz4, x)
-        dc = _nn(wc.t().contiguous(), dz4, out=c)
+        dc = _weight_matmul(wc.t().contiguous(), dz4, out=c)
         del c
         # dz4 stays until dz1 exists: x's gradient is then one fused pass over both products
         # (wx^T dz4 + w1^T dz1) instead of a second full-size map and an addition.
         dz3, dg3, db3 = bn_backward(dc, z3, 2)
         del dc, z3
-        dvalues = _bnt(dz3, attn)  # B, C, K
-        dattn = _bnn(values.transpose(1, 2), dz3)  # B, K, N
+        dvalues = _image_matmul_t(dz3, attn)  # B, C, K
+        dattn = _image_weight_matmul(values.transpose(1, 2), dz3)  # B, K, N
         del dz3
         dsim = dattn.sub_((attn * dattn).sum(1, keepdim=True)).mul_(attn)
         del dattn, attn
-        dkeys = _bnt(dsim, h2)  # B, K, D
-        dh2 = _bnn(keys.transpose(1, 2), dsim, out=h2)
+        dkeys = _image_matmul_t(dsim, h2)  # B, K, D
+        dh2 = _image_weight_matmul(keys.transpose(1, 2), dsim, out=h2)
         del dsim, h2
         dz2, dg2, db2 = bn_backward(dh2, z2, 1)
         del dh2, z2
         dw2 = wgrad(4, dz2, h1)
-        dh1 = _nn(w2.t().contiguous(), dz2, out=h1)
+        dh1 = _weight_matmul(w2.t().contiguous(), dz2, out=h1)
         del dz2, h1
         dz1, dg1, db1 = bn_backward(dh1, z1, 0)
         del dh1, z1
         dw1 = wgrad(1, dz1, x)
-        dx = _nn(wx.t().contiguous(), dz4, w1.t().contiguous(), dz1)
+        dx = _weight_matmul(wx.t().contiguous(), dz4, w1.t().contiguous(), dz1)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dkeys, dvalues, dg3, db3, dwc, dwx, dg4, db4,
                 None, None, None)
 

@@ -14,6 +14,10 @@ backend (gloo included), and the fused attention honours both classes:
   ``torch.nn.SyncBatchNorm``.
 
 Tensors are laid out as (B, channels, N) or (B, channels, H, W): statistics run over every dim but 1.
+
+:func:`fold_into_conv` is the eval-mode counterpart: the one BatchNorm fold (running statistics
+into the preceding conv's weight and bias) of the fused eval path and of ocrnet's inference
+fast path.
 """
 
 from __future__ import annotations
@@ -24,15 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ops import extension_loaded
-
-# A constant, read once, so that torch.compile sees a plain bool.
-_HAS_VAR_MEAN = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "ocrkernels::batch_var_mean", "CPU")
+from .backends import compiled_var_mean
 
 __all__ = ["BatchStats", "SyncBatchNorm", "convert_sync_batchnorm", "sync_group", "batch_stats",
            "global_stats", "update_running_stats", "batch_norm_train", "check_trainable_bn",
-           "grad_sums", "reduce_grad_sums", "input_grad"]
+           "grad_sums", "reduce_grad_sums", "input_grad", "fold_into_conv"]
 
 
 class BatchStats(NamedTuple):
@@ -60,8 +60,7 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 def batch_stats(x: Tensor, group=None) -> BatchStats:
     """Per-channel mean and biased variance of ``x`` over all dims but 1, over ``group``."""
-    if (x.dim() == 3 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _HAS_VAR_MEAN):
+    if compiled_var_mean(x):
         var, mean = torch.ops.ocrkernels.batch_var_mean(x)  # one vectorised pass per row
     else:
         var, mean = torch.var_mean(x, dim=_reduce_dims(x), unbiased=False)
@@ -99,6 +98,31 @@ def check_trainable_bn(bn: nn.Module) -> bool:
     """True for the BatchNorm flavours the fused training path reproduces exactly."""
     return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine
             and bn.track_running_stats and bn.running_mean is not None)
+
+
+def fold_into_conv(conv_weight: Tensor, bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype,
+                   conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one conv equal to ``bn(conv(x))`` for ``bn`` in eval mode.
+
+    Args:
+        conv_weight: (O, ...) the conv's weight, e.g. (O, I / groups, kh, kw).
+        bn: BatchNorm over the O output channels, with running statistics (without affine
+            parameters it scales by 1 and shifts by 0).
+        dtype: the dtype of the results.
+        conv_bias: (O,) the conv's bias, or None for none.
+
+    Returns:
+        weight (the shape of `conv_weight`) and bias (O,) in `dtype`. The arithmetic runs in
+        float64, so that each folded parameter carries one rounding, to `dtype`, at the end.
+    """
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(
+        bn.running_var, dtype=torch.float64)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(
+        bn.running_var, dtype=torch.float64)
+    scale = gamma * torch.rsqrt(bn.running_var.double() + bn.eps)
+    bias = conv_bias.double() if conv_bias is not None else torch.zeros_like(scale)
+    weight = conv_weight.double() * scale.view(-1, *[1] * (conv_weight.dim() - 1))
+    return weight.to(dtype), ((bias - bn.running_mean.double()) * scale + beta).to(dtype)
 
 
 def _expand(v: Tensor, x: Tensor) -> Tensor:

@@ -1,173 +1,44 @@
-"""Public functional API of the OCR core, and the one place where a backend is chosen.
+"""Public functional API of the OCR core: each op with its input checks and its dispatch.
 
-Backends:
-    ``reference``  plain PyTorch (:mod:`ocrkernels.reference`), any device, always available.
-    ``cpu``        the C++ kernels of ``ocrkernels._C`` (OpenMP, vectorised), CPU tensors.
-    ``cuda``       CUDA kernels of ``ocrkernels._C_cuda`` (built by setup.py when nvcc is found
-                   and torch has CUDA, or with ``FORCE_CUDA=1``), CUDA tensors.
-    ``triton``     Triton kernels (:mod:`ocrkernels.triton`): CUDA tensors when Triton imports
-                   and torch sees a GPU of compute capability >= 8.0; CPU tensors only with
-                   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests on small shapes).
-    ``auto``       the default: CPU tensors -> ``cpu`` when the extension is built, CUDA
-                   tensors -> ``triton`` or ``cuda`` when available; otherwise ``reference``.
-                   ``auto`` never picks the interpreter: CPU tensors run ``triton`` only when
-                   asked for by name (argument or ``OCRKERNELS_BACKEND``).
+    spatial_gather(probs, feats, scale, *, backend)       -> (B, C, K, 1) region vectors
+    object_attention(feats, regions, query_project, key_project, value_project, out_project,
+                     bottleneck, channels, *, training, fused, recompute)
+                                                           -> (B, C, H, W) representations
 
-The environment variable ``OCRKERNELS_BACKEND`` replaces ``auto`` (an explicit ``backend=``
-argument other than ``auto`` always wins). Asking for a backend that is not available raises
-a :class:`RuntimeError` that says why.
-
-Meta tensors (shape inference without data) carry no numbers, so every backend name resolves
-to ``reference`` on them: the same output shapes and dtypes, whatever backend the real call
-would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
-dispatch, through the ops' registered fake implementations.
+Which backend a call runs is decided by :mod:`ocrkernels.backends` (its docstring lists the
+backends and the ``OCRKERNELS_BACKEND`` override); the semantics every backend reproduces are
+those of :mod:`ocrkernels.reference`. The backend queries are importable from here too
+(``ocrkernels.ops.resolve_backend``, ``ocrkernels.ops.cpu_isa``, ...).
 """
 
 from __future__ import annotations
 
-import os
+import math
 from numbers import Real
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import backends, reference
+from ._extension import cpu_isa, extension_loaded
+from .attention_train import object_attention_train
+from .backends import (BACKEND_ENV, BACKENDS, available_backends, reference_forced,
+                       resolve_backend)
+from .batchnorm import check_trainable_bn, fold_into_conv, sync_group, update_running_stats
 
-__all__ = ["spatial_gather", "available_backends", "resolve_backend", "cpu_isa", "BACKENDS"]
+__all__ = ["spatial_gather", "object_attention", "available_backends", "resolve_backend",
+           "reference_forced", "extension_loaded", "cpu_isa", "BACKENDS", "BACKEND_ENV",
+           "check_spatial_gather_inputs", "check_object_attention_inputs", "up_project",
+           "fold_conv_bn"]
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-BACKEND_ENV = "OCRKERNELS_BACKEND"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# OCRKERNELS_LIBRARY=path loads that op library (e.g. the CMake build's libocrkernels.so, which
-# .ci/coverage_common.sh instruments for gcov) instead of ocrkernels._C: never both, since each
-# defines the ocrkernels op schemas.
-LIBRARY_ENV = "OCRKERNELS_LIBRARY"
-
-# OCRKERNELS_CPU_ISA caps the instruction set of the C++ CPU kernels (csrc/ocrkernels/cpu/
-# gemm_kernels.h reads it once, at the first kernel call); a typo there is an error here, at
-# import, rather than a silently ignored setting.
-ISA_ENV = "OCRKERNELS_CPU_ISA"
-_ISA_CAPS = ("baseline", "avx2", "avx512")
-if os.environ.get(ISA_ENV, "") not in ("", *_ISA_CAPS):
-    raise ValueError(f"{ISA_ENV} must be one of {', '.join(_ISA_CAPS)} (or unset), got "
-                     f"{os.environ[ISA_ENV]!r}")
-
-try:  # the compiled op library; its absence leaves the reference path working
-    if os.environ.get(LIBRARY_ENV):
-        torch.ops.load_library(os.environ[LIBRARY_ENV])
-    else:
-        from . import _C  # noqa: F401
-
-    _EXT_ERROR: str | None = None
-except (ImportError, OSError) as exc:  # pragma: no cover - exercised only without a build
-    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+# The name bench/run.py asks for the reason a backend cannot run.
+_unavailable_reason = backends.unavailable_reason
 
 
-def _load_cuda_kernels() -> str | None:
-    """Load ocrkernels._C_cuda (CUDA implementations of the ops _C defines); None when loaded,
-    else why not. It is a plain shared library (no Python module init), loaded with
-    torch.ops.load_library, and only into a torch with CUDA: built against a CPU torch
-    (FORCE_CUDA=1) it references libc10_cuda / libtorch_cuda symbols that only a CUDA torch has.
-    """
-    import importlib.util
-
-    if _EXT_ERROR is not None:
-        return "ocrkernels._C is not loaded"
-    spec = importlib.util.find_spec(f"{__package__}._C_cuda")
-    if spec is None or not spec.origin:
-        return ("ocrkernels was built without CUDA kernels (no ocrkernels._C_cuda; rebuild with "
-                "nvcc present and a CUDA torch, or FORCE_CUDA=1)")
-    if torch.version.cuda is None:
-        return (f"ocrkernels._C_cuda is built, but this torch ({torch.__version__}) has no CUDA "
-                "support to load it into")
-    try:
-        torch.ops.load_library(spec.origin)
-    except OSError as exc:
-        return f"ocrkernels._C_cuda could not be loaded ({exc})"
-    return None
-
-
-_CUDA_EXT_ERROR = _load_cuda_kernels()
-
-
-def extension_loaded() -> bool:
-    return _EXT_ERROR is None
-
-
-def cpu_isa() -> str | None:
-    """The instruction set the C++ CPU kernels run with: ``"avx512"``, ``"avx2"`` or
-    ``"baseline"`` (the CPU's widest, capped by the environment variable
-    ``OCRKERNELS_CPU_ISA``, read once per process); None without ``ocrkernels._C``."""
-    if not extension_loaded() or os.environ.get(LIBRARY_ENV):
-        return None
-    from . import _C
-
-    return _C.cpu_isa()
-
-
-def _kernel_keys() -> frozenset[str]:
-    """Dispatch keys with compiled kernels, read once (a constant for torch.compile to see)."""
-    if not extension_loaded():
-        return frozenset()
-    return frozenset(key for key in ("CPU", "CUDA") if
-                     torch._C._dispatch_has_kernel_for_dispatch_key("ocrkernels::spatial_gather",
-                                                                    key))
-
-
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when `backend` can run on `device`, else a sentence saying why not."""
-    if backend == "reference":
-        return None
-    if backend in ("cpu", "cuda"):
-        if not extension_loaded():
-            return (f"the compiled extension ocrkernels._C could not be loaded ({_EXT_ERROR}); "
-                    "build it with `pip install -e .`")
-        if device.type != backend:
-            return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
-        if backend.upper() not in _KERNEL_KEYS:
-            if backend == "cuda":
-                return f"no CUDA kernels are registered: {_CUDA_EXT_ERROR or 'unknown reason'}"
-            return "ocrkernels._C was built without CPU kernels"
-        if backend == "cuda" and not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        return None
-    if backend == "triton":
-        from .triton import unavailable_reason  # no Triton import until asked
-
-        return unavailable_reason(device)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def reference_forced() -> bool:
-    """True when ``OCRKERNELS_BACKEND=reference`` asks for the plain-PyTorch path everywhere."""
-    return os.environ.get(BACKEND_ENV) == "reference"
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on tensors of `device`, in the order ``auto`` prefers them."""
-    device = torch.device(device)
-    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
-    return [b for b in order if _unavailable_reason(b, device) is None]
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call on `device`; raises when it cannot run there."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
-    if device.type == "meta":
-        return "reference"
-    if backend == "auto":
-        return available_backends(device)[0]
-    reason = _unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"ocrkernels backend {backend!r} is not available: {reason}")
-    return backend
-
+# ---- spatial gather ---------------------------------------------------------------------------
 
 def check_spatial_gather_inputs(probs: Tensor, feats: Tensor, scale: float) -> None:
     """Raise ValueError / TypeError naming the argument when the inputs do not fit."""
@@ -215,14 +86,14 @@ def spatial_gather(probs: Tensor, feats: Tensor, scale: float = 1.0, *,
         probs: (B, K, H, W) coarse class logits (the auxiliary head's raw output).
         feats: (B, C, H, W) pixel features, same dtype and device.
         scale: multiplies the logits before the softmax.
-        backend: ``auto | reference | cpu | cuda | triton`` (see the module docstring).
+        backend: ``auto | reference | cpu | cuda | triton`` (see :mod:`ocrkernels.backends`).
 
     Returns:
         (B, C, K, 1) region vectors, in the input dtype (fp16/bf16 are accumulated in fp32).
         Differentiable with respect to both inputs.
     """
     check_spatial_gather_inputs(probs, feats, scale)
-    impl = resolve_backend(backend, probs.device)
+    impl = backends.resolve_backend(backend, probs.device)
     if impl == "reference":
         return reference.spatial_gather(probs, feats, float(scale))
     if impl == "triton":
@@ -232,78 +103,174 @@ def spatial_gather(probs: Tensor, feats: Tensor, scale: float = 1.0, *,
     return torch.ops.ocrkernels.spatial_gather(probs, feats, float(scale))
 
 
-def _register_fakes() -> None:
-    """Shape functions so that torch.compile and FakeTensor tracing see through the ops."""
+# ---- object attention -------------------------------------------------------------------------
 
-    def acc_dtype(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    @torch.library.register_fake("ocrkernels::spatial_gather")
-    def _(probs, feats, scale):
-        check_spatial_gather_inputs(probs, feats, scale)
-        B, K = probs.shape[:2]
-        return probs.new_empty((B, feats.shape[1], K, 1))
-
-    @torch.library.register_fake("ocrkernels::spatial_gather_forward")
-    def _(probs, feats, scale):
-        check_spatial_gather_inputs(probs, feats, scale)
-        B, K = probs.shape[:2]
-        return (probs.new_empty((B, feats.shape[1], K, 1)),
-                probs.new_empty((B, K, 2), dtype=acc_dtype(probs.dtype)))
-
-    @torch.library.register_fake("ocrkernels::spatial_gather_backward")
-    def _(grad_out, probs, feats, lse, scale):
-        check_spatial_gather_inputs(probs, feats, scale)
-        return (probs.new_empty(probs.shape),
-                feats.new_empty(feats.shape))
-
-    @torch.library.register_fake("ocrkernels::object_attention_eval")
-    def _(feats, query_w1, query_b1, query_w2, query_b2, keys, values, out_w_context,
-          out_w_feats, out_b):
-        torch._check(feats.dim() == 4, lambda: "object_attention_eval: feats must be (B, C, H, W)")
-        return feats.new_empty(feats.shape)
-
-    @torch.library.register_fake("ocrkernels::pixel_matmul")
-    def _(weight, x, weight2=None, x2=None):
-        torch._check(weight.dim() == 2 and x.dim() == 3 and x.shape[1] == weight.shape[1],
-                     lambda: "pixel_matmul: weight must be (M, J) and x (B, J, N)")
-        return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
-
-    @torch.library.register_fake("ocrkernels::pixel_matmul_into")
-    def _(weight, x, weight2, x2, out):
-        return None
-
-    @torch.library.register_fake("ocrkernels::pixel_matmul_nt")
-    def _(a, y):
-        torch._check(a.dim() == 3 and y.dim() == 3,
-                     lambda: "pixel_matmul_nt: a must be (B, M, N) and y (B, J, N)")
-        return a.new_empty((a.shape[1], y.shape[1]))
-
-    @torch.library.register_fake("ocrkernels::bn_relu_inplace")
-    def _(z, mean, scale, beta):
-        return None
-
-    @torch.library.register_fake("ocrkernels::bn_relu_backward_apply_inplace")
-    def _(dh, z, mean, invstd, scale, beta, sums, count):
-        return None
-
-    @torch.library.register_fake("ocrkernels::bn_relu")
-    def _(z, mean, scale, beta):
-        return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("ocrkernels::batch_var_mean")
-    def _(z):
-        return z.new_empty((z.shape[1],)), z.new_empty((z.shape[1],))
-
-    @torch.library.register_fake("ocrkernels::bn_relu_backward_reduce")
-    def _(dh, z, mean, invstd, scale, beta):
-        return z.new_empty((2, z.shape[1]))
-
-    @torch.library.register_fake("ocrkernels::bn_relu_backward_apply")
-    def _(dh, z, mean, invstd, scale, beta, sums, count):
-        return torch.empty_like(z, memory_format=torch.contiguous_format)
+def check_object_attention_inputs(feats: Tensor, regions: Tensor) -> None:
+    """Raise ValueError when feats is not (B, C, H, W) or regions not (B, C, K, 1)."""
+    if feats.dim() != 4:
+        raise ValueError(f"object_attention: feats must have shape (B, C, H, W), got "
+                         f"{tuple(feats.shape)}")
+    if regions.dim() != 4 or regions.shape[:2] != feats.shape[:2] or regions.shape[3] != 1:
+        raise ValueError(f"object_attention: regions must have shape (B, C, K, 1) = "
+                         f"({feats.shape[0]}, {feats.shape[1]}, K, 1), got "
+                         f"{tuple(regions.shape)}")
 
 
-_KERNEL_KEYS = _kernel_keys()
-if extension_loaded():
-    _register_fakes()
+def object_attention(feats: Tensor, regions: Tensor, query_project: nn.Module,
+                     key_project: nn.Module, value_project: nn.Module, out_project: nn.Module,
+                     bottleneck: nn.Module, channels: int, *, training: bool = False,
+                     fused: bool = True, recompute: bool = False) -> Tensor:
+    """Pixel-region attention (:func:`ocrkernels.reference.object_attention`) on the fastest
+    path that reproduces it.
+
+    Args:
+        feats: (B, C, H, W) pixel features.
+        regions: (B, C, K, 1) region vectors (:func:`spatial_gather`).
+        query_project, key_project: C -> D, two 1x1 conv-BN-ReLU each (``nn.Sequential`` of
+            :class:`ocrkernels.ConvBNReLU`); value_project: C -> D, out_project: D -> C,
+            bottleneck: 2C -> C, one 1x1 conv-BN-ReLU each. The fused paths read their
+            ``conv`` / ``bn`` / ``activate`` parts; the reference calls them.
+        channels: D, the key/query/value channels.
+        training: the BatchNorms' mode (the calling module's ``training``).
+        fused: ``False`` always runs the reference. Otherwise, in training (batch statistics)
+            the chain of :mod:`ocrkernels.attention_train` (its Triton version where ``auto``
+            resolves to ``triton``) unless ``OCRKERNELS_BACKEND=reference`` or a BatchNorm
+            flavour it does not reproduce; in eval without autograd the fused per-pixel op of
+            the backend ``auto`` resolves to (BatchNorm folded, out_project applied to the K
+            values); eval with autograd runs the reference.
+        recompute: training with ``fused``: keep only the bottleneck's pre-activation for
+            backward and recompute the cheaper stages there (see
+            :func:`ocrkernels.attention_train.object_attention_train`).
+
+    Returns:
+        (B, C, H, W) object-contextual representations, in the dtype of feats.
+    """
+    check_object_attention_inputs(feats, regions)
+    cbrs = (query_project, key_project, value_project, out_project, bottleneck)
+    if fused and training and _can_train_fused(query_project, out_project, bottleneck):
+        return _fused_train(feats, regions, *cbrs, channels, recompute)
+    if fused and not training and not torch.is_grad_enabled():
+        impl = backends.resolve_backend("auto", feats.device)
+        if impl != "reference":  # cpu, cuda (the C++ kernels) or triton
+            return _fused_eval(feats, regions, *cbrs, channels, impl)
+    return reference.object_attention(feats, regions, *cbrs, channels)
+
+
+def _project_columns(cbrs: nn.Module, regions: Tensor) -> Tensor:
+    """The 1x1 conv-BN-ReLU stack on the K region vectors, (B, C, K, 1) -> (B, D, K): the
+    convs as matmuls (a 1x1 convolution over K "pixels" is slow on the CPU), the BatchNorm
+    modules themselves (batch statistics, running stats, SyncBatchNorm)."""
+    x = regions.flatten(2)
+    for cbr in (cbrs if isinstance(cbrs, nn.Sequential) else [cbrs]):
+        z = torch.matmul(cbr.conv.weight.flatten(1), x)
+        x = cbr.activate(cbr.bn(z.unsqueeze(-1))).squeeze(-1)
+    return x
+
+
+def _reads_values_cheaply(t: Tensor) -> bool:
+    """True for a real CPU tensor in eager mode, where reading a value back costs neither a
+    device sync nor a graph break (not under torch.compile, not a fake or meta tensor)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not is_fake(t))
+
+
+def up_project(weight: Tensor, value: Tensor) -> Tensor:
+    """out_project's 1x1 conv applied to the K value vectors: weight (C, D), value (B, D, K),
+    the output of value_project's ReLU -> (B, C, K).
+
+    The fused paths use W (A . value) = A . (W value) (associativity), exact in floating point
+    for finite weights. An infinite weight W[c, d] is not: the reference gives W[c, d] * ctx[d]
+    with ctx[d] = sum_k A_k value[d, k], which is +-inf wherever value row d has a positive
+    entry (the attention weights A_k are positive) and NaN (inf * 0) where the row is all 0,
+    while W[c, d] * value[d, k] would be NaN as soon as one entry of the row is 0. So infinite
+    weights act on min(max_k value[d, k], 1) instead, and their result is added to every k: a
+    per-channel constant that the attention passes on unchanged (sum_k A_k = 1).
+    """
+    # The usual case, a finite weight (one sum tells), takes the plain product where that
+    # check is free; elsewhere the split below, which is exact for every weight.
+    if _reads_values_cheaply(weight) and math.isfinite(weight.detach().sum().item()):
+        return torch.matmul(weight, value)
+    finite = torch.nan_to_num(weight, nan=float("nan"), posinf=0.0, neginf=0.0)
+    row_positive = value.amax(-1, keepdim=True).clamp(max=1)  # B, D, 1; NaN stays NaN
+    infinite = torch.where(torch.isinf(weight), weight, 0)
+    # For a finite weight the first product is the plain path's, bit for bit, and the second
+    # adds exact zeros, to the output and to the weight's gradient: eager and compiled agree.
+    return torch.matmul(finite, value) + torch.matmul(infinite, row_positive)
+
+
+def fold_conv_bn(cbr: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(weight (out, in), bias (out)) of a 1x1 conv-BN-ReLU's conv and BatchNorm in eval mode,
+    by :func:`ocrkernels.batchnorm.fold_into_conv` (folded in float64, rounded to `dtype`)."""
+    weight, bias = fold_into_conv(cbr.conv.weight, cbr.bn, dtype, cbr.conv.bias)
+    return weight.flatten(1), bias
+
+
+def _can_train_fused(query_project: nn.Module, out_project: nn.Module,
+                     bottleneck: nn.Module) -> bool:
+    """The fused training chain runs unless the reference is forced or one of the per-pixel
+    BatchNorms is a flavour it does not reproduce exactly."""
+    pixel_cbrs = (query_project[0], query_project[1], out_project, bottleneck)
+    return not reference_forced() and all(check_trainable_bn(cbr.bn) for cbr in pixel_cbrs)
+
+
+def _fused_train(feats: Tensor, regions: Tensor, query_project: nn.Module,
+                 key_project: nn.Module, value_project: nn.Module, out_project: nn.Module,
+                 bottleneck: nn.Module, channels: int, recompute: bool) -> Tensor:
+    """Training mode: batch statistics (synchronised for SyncBatchNorm), the per-pixel chain
+    in :func:`object_attention_train` (its Triton version where ``auto`` resolves to
+    ``triton``); the K-column projections stay in PyTorch."""
+    dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    train = object_attention_train
+    if backends.resolve_backend("auto", feats.device) == "triton":  # fp16/bf16 stay so
+        from .triton.attention_train import object_attention_train as train
+        dtype = feats.dtype
+    B, C, H, W = feats.shape
+    q1, q2 = query_project[0], query_project[1]
+    key = _project_columns(key_project, regions).to(dtype)  # B, D, K
+    value = _project_columns(value_project, regions).to(dtype)  # B, D, K
+    keys = key.transpose(1, 2) * channels ** -0.5  # B, K, D
+    # Exact before out_project's BatchNorm: W_out (A . value) = A . (W_out value). The .to:
+    # autocast may have run the matmul in lower precision.
+    values = up_project(out_project.conv.weight.flatten(1).to(dtype), value).to(dtype)  # B, C, K
+    w_cat = bottleneck.conv.weight.flatten(1).to(dtype)
+    bns = [cbr.bn for cbr in (q1, q2, out_project, bottleneck)]
+    gamma, beta = ([bn.weight.to(dtype) for bn in bns], [bn.bias.to(dtype) for bn in bns])
+    out, running = train(
+        feats.reshape(B, C, H * W).to(dtype).contiguous(),
+        q1.conv.weight.flatten(1).to(dtype), gamma[0], beta[0],
+        q2.conv.weight.flatten(1).to(dtype), gamma[1], beta[1],
+        keys, values, gamma[2], beta[2],
+        w_cat[:, :C], w_cat[:, C:], gamma[3], beta[3],
+        eps=[bn.eps for bn in bns], groups=[sync_group(bn) for bn in bns], recompute=recompute)
+    for i, bn in enumerate(bns):
+        update_running_stats(bn, running[2 * i], running[2 * i + 1])
+    return out.view(B, C, H, W).to(feats.dtype)
+
+
+def _fused_eval(feats: Tensor, regions: Tensor, query_project: nn.Module,
+                key_project: nn.Module, value_project: nn.Module, out_project: nn.Module,
+                bottleneck: nn.Module, channels: int, impl: str) -> Tensor:
+    """The per-pixel chain in one op (the C++ kernels for ``impl="cpu"`` or ``"cuda"``,
+    Triton for ``"triton"``); the K-column projections stay in PyTorch."""
+    dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    C = feats.shape[1]
+    key = key_project(regions).flatten(2).to(dtype)  # B, D, K
+    value = value_project(regions).flatten(2).to(dtype)  # B, D, K
+    keys = (key.transpose(1, 2) * channels ** -0.5).contiguous()  # B, K, D
+    w_out, b_out = fold_conv_bn(out_project, dtype)
+    # Exact before the ReLU: out_project(A . value) = A . (W value) + b, as sum_k A_k = 1.
+    values = up_project(w_out, value) + b_out[:, None]  # B, C, K
+    wq1, bq1 = fold_conv_bn(query_project[0], dtype)
+    wq2, bq2 = fold_conv_bn(query_project[1], dtype)
+    wb, bb = fold_conv_bn(bottleneck, dtype)
+    args = (wq1, bq1, wq2, bq2, keys, values, wb[:, :C].contiguous(),
+            wb[:, C:].contiguous(), bb)
+    if impl == "triton":  # fp16/bf16 stay so in memory, from the parameters folded above
+        from .triton.object_attention import object_attention_eval
+
+        return object_attention_eval(feats, *(t.to(feats.dtype) for t in args))
+    if impl == "cuda":  # the CUDA kernel takes fp16/bf16 too, accumulating in fp32
+        return torch.ops.ocrkernels.object_attention_eval(
+            feats, *(t.to(feats.dtype) for t in args))
+    out = torch.ops.ocrkernels.object_attention_eval(feats.to(dtype), *args)
+    return out.to(feats.dtype)

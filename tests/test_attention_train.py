@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ocrkernels
-from ocrkernels import attention_train
+from ocrkernels import backends
 from ocrkernels.attention_train import object_attention_train
 from conftest import rel_err, saved_bytes
 from test_modules import randomise_batchnorm
@@ -175,9 +175,9 @@ def chain(*args, recompute=False):
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "torch-ops"])
 def test_gradcheck_float64(monkeypatch, kernels, recompute):
-    if kernels and not attention_train._HAS_CPU_OPS:
+    if kernels and not backends.CPU_CHAIN_KERNELS:
         pytest.skip("ocrkernels._C is not built")
-    monkeypatch.setattr(attention_train, "_HAS_CPU_OPS", kernels and attention_train._HAS_CPU_OPS)
+    monkeypatch.setattr(backends, "CPU_CHAIN_KERNELS", kernels and backends.CPU_CHAIN_KERNELS)
     assert torch.autograd.gradcheck(lambda *a: chain(*a, recompute=recompute), chain_inputs(),
                                     eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -195,7 +195,7 @@ def test_cpp_and_torch_op_paths_agree(monkeypatch):
         return [out.detach()] + [t.grad.clone() for t in args]
 
     fast = run()
-    monkeypatch.setattr(attention_train, "_HAS_CPU_OPS", False)
+    monkeypatch.setattr(backends, "CPU_CHAIN_KERNELS", False)
     slow = run()
     for a, b in zip(fast, slow):
         assert rel_err(a, b) < 1e-5
@@ -256,7 +256,7 @@ def test_compiled_training_step_matches_eager(recompute):
 def test_backend_reference_env_runs_the_reference(monkeypatch):
     fused, _ = make_pair(16, 8)
     called = []
-    monkeypatch.setattr(ocrkernels.modules, "object_attention_train",
+    monkeypatch.setattr(ocrkernels.ops, "object_attention_train",
                         lambda *a, **k: called.append(1) or object_attention_train(*a, **k))
     monkeypatch.setenv("OCRKERNELS_BACKEND", "reference")
     fused(torch.randn(1, 16, 3, 4), torch.randn(1, 16, 2, 1))

@@ -1,4 +1,4 @@
-"""Backend choice happens in one place (ocrkernels.ops) and fails loudly."""
+"""Backend choice happens in one place (ocrkernels.backends) and fails loudly."""
 
 from __future__ import annotations
 
@@ -6,27 +6,28 @@ import pytest
 import torch
 
 import ocrkernels
-from ocrkernels import ops
+from ocrkernels import backends
+from ocrkernels._extension import extension_loaded
 
-needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="ocrkernels._C is not built")
+needs_ext = pytest.mark.skipif(not extension_loaded(), reason="ocrkernels._C is not built")
 
 
 @needs_ext
 def test_auto_picks_cpu_kernels_on_cpu(monkeypatch):
-    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     assert ocrkernels.available_backends("cpu") == ["cpu", "reference"]
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
 @needs_ext
 def test_environment_variable_replaces_auto(monkeypatch):
-    monkeypatch.setenv(ops.BACKEND_ENV, "reference")
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv(backends.BACKEND_ENV, "reference")
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "reference"
     # an explicit backend wins over the environment
-    assert ops.resolve_backend("cpu", torch.device("cpu")) == "cpu"
-    monkeypatch.setenv(ops.BACKEND_ENV, "fastest")
-    with pytest.raises(ValueError, match=ops.BACKEND_ENV):
-        ops.resolve_backend("auto", torch.device("cpu"))
+    assert backends.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv(backends.BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match=backends.BACKEND_ENV):
+        backends.resolve_backend("auto", torch.device("cpu"))
 
 
 def test_unknown_backend():
@@ -50,10 +51,10 @@ def test_cuda_request_without_a_gpu_is_clear_and_auto_falls_back():
     why Triton cannot run (never crash), and auto must fall back to what can."""
     cuda = torch.device("cuda")
     with pytest.raises(RuntimeError, match="backend 'triton' is not available: "):
-        ops.resolve_backend("triton", cuda)
-    assert ops.available_backends(cuda)[-1] == "reference"
-    assert "triton" not in ops.available_backends(cuda)
-    assert ops.resolve_backend("auto", cuda) in ("cuda", "reference")
+        backends.resolve_backend("triton", cuda)
+    assert backends.available_backends(cuda)[-1] == "reference"
+    assert "triton" not in backends.available_backends(cuda)
+    assert backends.resolve_backend("auto", cuda) in ("cuda", "reference")
 
 
 def test_triton_missing_gives_a_clear_error(monkeypatch):
@@ -63,9 +64,9 @@ def test_triton_missing_gives_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(ot, "triton_import_error", lambda: "ModuleNotFoundError: no triton")
     for device in ("cpu", "cuda"):
-        reason = ops._unavailable_reason("triton", torch.device(device))
+        reason = backends.unavailable_reason("triton", torch.device(device))
         assert "Triton could not be imported" in reason and "pip install triton" in reason
-        assert "triton" not in ops.available_backends(device)
+        assert "triton" not in backends.available_backends(device)
     p, f = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3)
     with pytest.raises(RuntimeError, match="Triton could not be imported"):
         ocrkernels.spatial_gather(p, f, backend="triton")

@@ -326,9 +326,9 @@ def test_up_projection_without_the_finite_shortcut(mode, case, use_backend, monk
     """On CPU tensors in eager mode a finite out_project weight takes the plain product; the
     split product (what compiled graphs, fake tensors and CUDA run, reading no value back) must
     be exact too, for infinite weights and finite ones."""
-    from ocrkernels import modules
+    from ocrkernels import ops
 
-    monkeypatch.setattr(modules, "_reads_values_cheaply", lambda t: False)
+    monkeypatch.setattr(ops, "_reads_values_cheaply", lambda t: False)
     check_attention_case(case, mode, torch.float32, use_backend("cpu"), f"split {mode} {case}")
 
 

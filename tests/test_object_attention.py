@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ocrkernels
-from ocrkernels.modules import fold_conv_bn
+from ocrkernels.ops import fold_conv_bn
 from conftest import rel_err
 from test_modules import randomise_batchnorm
 
@@ -119,7 +119,7 @@ def test_a_cuda_backend_runs_the_fused_op_not_the_reference(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(torch.ops.ocrkernels, "object_attention_eval", spy)
-    monkeypatch.setattr(ocrkernels.ops, "resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr(ocrkernels.backends, "resolve_backend", lambda backend, device: "cuda")
     got = run(block, feats, regions, True)
     assert len(calls) == 1 and set(calls[0]) == {torch.float32}
     assert rel_err(got, run(block, feats, regions, False)) < 1e-5

@@ -25,7 +25,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 import ocrkernels  # noqa: E402
 from ocrkernels import reference  # noqa: E402
 from ocrkernels.triton import aot  # noqa: E402
-from ocrkernels.triton import kernels as K_  # noqa: E402
+from ocrkernels.triton import configs, kernels  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
 
@@ -33,9 +33,9 @@ def test_every_kernel_config_and_dtype_compiles_for_sm80_and_sm90():
     jobs = aot.jobs()
     # the job list is the whole space: every config of every regime, every dtype, both targets
     assert {(j.kernel, j.regime, j.config) for j in jobs} == {
-        (k, r, i) for k, regimes in K_.CONFIGS.items() for r, cfgs in regimes.items()
+        (k, r, i) for k, regimes in configs.CONFIGS.items() for r, cfgs in regimes.items()
         for i in range(len(cfgs))}
-    for kernel in K_.KERNELS:
+    for kernel in kernels.KERNELS:
         assert {j.dtype for j in jobs if j.kernel == kernel} == set(aot.DTYPES)
     assert {j.target for j in jobs} == {"sm_80", "sm_90"}
     results = aot.run_check(jobs, processes=os.cpu_count())
@@ -50,7 +50,7 @@ def test_a_dot_below_16_is_rejected_by_the_compiler_but_not_by_the_interpreter(m
     which fp16/bf16 tensor-core dots do not allow (float32 ones, 8-deep TF32, do). The
     interpreter runs it (and even gets the right answer); the compile check fails it."""
     broken = dict(BLOCK_K=16, BLOCK_C=16, BLOCK_N=8)
-    monkeypatch.setitem(K_.INTERPRETER_CONFIG, "gather_partials", broken)
+    monkeypatch.setitem(configs.INTERPRETER_CONFIG, "gather_partials", broken)
     probs, feats = torch.randn(1, 3, 5, 7) * 3, torch.randn(1, 6, 5, 7)
     out = ocrkernels.spatial_gather(probs, feats, backend="triton")
     assert rel_err(out, reference.spatial_gather(probs.double(), feats.double())) < 1e-5

@@ -28,7 +28,8 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 import ocrkernels  # noqa: E402
 from ocrkernels import attention_train as cpu_path  # noqa: E402
 from ocrkernels.triton import attention_train as tat  # noqa: E402
-from ocrkernels.triton import kernels as K_  # noqa: E402
+from ocrkernels.triton import attention_train_ops as train_ops  # noqa: E402
+from ocrkernels.triton import configs  # noqa: E402
 from conftest import rel_err, saved_bytes  # noqa: E402
 from test_attention_train import assert_same_training, chain_inputs, make_pair, step  # noqa: E402
 
@@ -103,7 +104,7 @@ def test_the_module_runs_the_triton_chain_only_when_auto_resolves_to_triton(monk
     want = other(feats, regions)
     assert len(calls) == 1
     # CUDA tensors without Triton resolve to "cuda" or "reference": the PyTorch chain
-    monkeypatch.setattr(ocrkernels.ops, "resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr(ocrkernels.backends, "resolve_backend", lambda backend, device: "cuda")
     copy.deepcopy(other)(feats, regions)
     assert len(calls) == 1
     assert rel_err(got, want) < 1e-5
@@ -192,13 +193,13 @@ def test_recompute_keeps_z4_only_and_gives_the_bits_of_keep(monkeypatch):
         assert kept == 4 * B * N * elements + vectors, (recompute, kept)
 
     launches = []
-    real = tat.launch
+    real = train_ops.launch
 
     def spy(name, grid, args_, device, regime, config=None, **constexprs):
         launches.append((name, constexprs.get("PRO"), constexprs.get("HAS_Y2")))
         return real(name, grid, args_, device, regime, config, **constexprs)
 
-    monkeypatch.setattr(tat, "launch", spy)
+    monkeypatch.setattr(train_ops, "launch", spy)
     keep = run_chain(triton_chain, args, grad)
     launches.clear()
     out, _ = triton_chain(*args, recompute=True)
@@ -368,16 +369,16 @@ def test_bad_arguments_raise_clear_errors(bad):
 def test_raw_op_rejects_a_bad_vector():
     y, w = torch.randn(1, 4, 6), torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="y_vec must have shape"):
-        tat.train_gemm(w, y, 1, None, torch.zeros(6, 5), None, None, 1, None, None)
+        train_ops.train_gemm(w, y, 1, None, torch.zeros(6, 5), None, None, 1, None, None)
     with pytest.raises(RuntimeError, match=r"y_vec must have dtype torch.float32"):
-        tat.train_gemm(w, y, 1, None, torch.zeros(6, 4, dtype=torch.float64), None, None, 1,
-                       None, None)
+        train_ops.train_gemm(w, y, 1, None, torch.zeros(6, 4, dtype=torch.float64), None, None,
+                             1, None, None)
 
 
 def test_statistics_blocks_are_shared_by_every_config_of_a_regime():
     """The pixel block shapes the per-block partials: never tuned."""
     for kernel in ("train_gemm", "train_attention", "train_attention_bwd", "train_bn"):
-        for cfgs in K_.CONFIGS[kernel].values():
+        for cfgs in configs.CONFIGS[kernel].values():
             assert len({c.kwargs["BLOCK_N"] for c in cfgs}) == 1
 
 
@@ -396,7 +397,7 @@ def test_every_launched_mode_is_compiled_ahead_of_time(monkeypatch):
             seen[name].add(next(m for m, v in aot.MODES[name].items() if v == mode))
         return real(name, grid, args, device, regime, config, **constexprs)
 
-    monkeypatch.setattr(tat, "launch", spy)
+    monkeypatch.setattr(train_ops, "launch", spy)
     for recompute in (False, True):
         args = chain_inputs(B=1, C=6, D=4, K=2, N=5, dtype=torch.float32)
         out, _ = triton_chain(*args, recompute=recompute)

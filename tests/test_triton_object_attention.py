@@ -21,7 +21,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
 import ocrkernels  # noqa: E402
-from ocrkernels.modules import fold_conv_bn  # noqa: E402
+from ocrkernels.ops import fold_conv_bn  # noqa: E402
 from ocrkernels.triton.object_attention import object_attention_eval  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_modules import randomise_batchnorm  # noqa: E402

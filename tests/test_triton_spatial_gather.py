@@ -24,7 +24,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 
 import ocrkernels  # noqa: E402
 from ocrkernels import reference  # noqa: E402
-from ocrkernels.triton import kernels as K_  # noqa: E402
+from ocrkernels.triton import kernels  # noqa: E402
 from ocrkernels.triton import spatial_gather as tsg  # noqa: E402
 from conftest import (assert_compile_matches_eager, forward_backward,  # noqa: E402
                       make_inputs, ref64, rel_err, saved_bytes_beyond_inputs)
@@ -106,7 +106,7 @@ def test_low_precision_error_at_most_twice_reference(shape, dtype):
     """DESIGN §3: error against float64 at most 2x that of the reference run in the same dtype.
     fp16 runs the kernels' fp16 dots; bf16 the float32-upcast dots (see the module docstring),
     with bf16 loads and stores."""
-    assert K_.dot_upcast(dtype, interpreter=True) == (dtype == torch.bfloat16)
+    assert kernels.dot_upcast(dtype, interpreter=True) == (dtype == torch.bfloat16)
     probs, feats, grad = make_inputs(*shape, dtype=dtype)
     ours = forward_backward(triton_op, probs, feats, grad)
     plain = forward_backward(reference.spatial_gather, probs, feats, grad)

@@ -1,14 +1,20 @@
 """Triton kernels of the OCR core (GPU), also runnable on the CPU through Triton's interpreter.
 
 Importing this package never imports Triton: :func:`unavailable_reason` does, once, when a
-caller asks whether the ``triton`` backend can run. The kernel modules
-(:mod:`.spatial_gather`, :mod:`.object_attention`, :mod:`.attention_train`) import Triton at
-their own import and are only imported by :mod:`ocrkernels.ops` / :mod:`ocrkernels.modules`
-once the backend is known to be available.
+caller asks whether the ``triton`` backend can run. The op modules (:mod:`.spatial_gather`,
+:mod:`.object_attention`, :mod:`.attention_train` with :mod:`.attention_train_ops`) import
+Triton at their own import and are only imported by :mod:`ocrkernels.ops` once the backend is
+known to be available.
+
+    :mod:`.kernels`      the kernel sources, one module per op, and their Triton wrapping
+    :mod:`.configs`      autotune configs per regime, the interpreter's config, pixel splits
+                         (plain data, importable without Triton)
+    :mod:`._launch`      launch helpers shared by the op modules
+    :mod:`.aot`          ahead-of-time compile check
 
 Where the kernels run:
     * CUDA tensors: the compiled kernels (``triton.jit``), autotuned over
-      :data:`.kernels.CONFIGS`; needs a GPU that torch sees and a Triton that imports.
+      :data:`.configs.CONFIGS`; needs a GPU that torch sees and a Triton that imports.
     * CPU tensors with ``TRITON_INTERPRET=1`` in the environment: the same kernel source run by
       Triton's interpreter (numpy), one fixed configuration. This is how the test suite checks
       the kernels on machines without a GPU; it is slow and meant for small shapes. As for any
@@ -21,10 +27,14 @@ Where the kernels run:
 
 from __future__ import annotations
 
-import math
+import importlib
 import os
 
 import torch
+
+# The pixel-split arithmetic, plain Python: importable from here without Triton (the byte
+# model of bench/gpu_model.py uses it).
+from .configs import gather_chunk, wgrad_chunk
 
 __all__ = ["triton_import_error", "interpreter_enabled", "interpreter_active",
            "unavailable_reason", "gather_chunk", "wgrad_chunk"]
@@ -42,8 +52,8 @@ def triton_import_error() -> str | None:
     global _IMPORT_ERROR
     if _IMPORT_ERROR is _UNSET:
         try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
+            importlib.import_module("triton")
+            importlib.import_module("triton.language")
 
             _IMPORT_ERROR = None
         except Exception as exc:  # noqa: BLE001 - a broken install may raise anything
@@ -92,29 +102,3 @@ def unavailable_reason(device: torch.device) -> str | None:
         return (f"backend 'triton' runs on CUDA tensors, or on CPU tensors only with "
                 f"{INTERPRET_ENV}=1 (Triton's interpreter); got CPU tensors without it")
     return f"backend 'triton' runs on CUDA tensors, got tensors on {device}"
-
-
-def gather_chunk(B: int, K: int, C: int, N: int, sms: int, elt: int) -> int:
-    """Pixels per split of the Triton gather's forward on a GPU with `sms` multiprocessors, for
-    `elt`-byte inputs. Two limits: enough programs to fill the machine (2 per SM over B x
-    splits x tiles of 64 classes x 128 channels, the largest tiles of the autotune space), and
-    partials (K x (C + 2) float32 per split, written and read back) of at most 1/4 of the bytes
-    of the features, C x N x elt. Chunks are a multiple of 128 pixels (the largest pixel
-    block). Plain arithmetic, shared with the byte model of bench/gpu_model.py."""
-    tiles = B * math.ceil(K / 64) * math.ceil(C / 128)
-    enough = math.ceil(2 * sms / tiles)
-    cheap = max(1, (N * elt) // (32 * K))
-    splits = max(1, min(enough, cheap))
-    return 128 * math.ceil(math.ceil(N / splits) / 128)
-
-
-def wgrad_chunk(tiles: int, N: int, sms: int) -> int:
-    """Pixels per split of a training weight gradient (kernel ``train_wgrad``) on a GPU with
-    `sms` multiprocessors, when its output has `tiles` tiles (64 x 64, the fp16 config's, times
-    the images for the per-image gradients of the keys and values). Enough splits for about 2
-    programs per SM, each of at least 1024 pixels so that the float32 partials (one output
-    per split, summed in split order on the host) stay far below the maps read; a multiple
-    of 128 pixels. Plain arithmetic, shared with the byte model of bench/gpu_model.py."""
-    enough = math.ceil(2 * sms / max(tiles, 1))
-    splits = max(1, min(enough, N // 1024))
-    return 128 * math.ceil(math.ceil(N / splits) / 128)

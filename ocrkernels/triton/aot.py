@@ -3,7 +3,7 @@
 The interpreter (the CPU tests) accepts programs that the GPU compiler rejects: a ``tl.dot``
 with a block dimension below 16, a shared-memory footprint beyond the device's, operands of
 mixed dtypes, a constexpr used as a runtime value. This module runs ``triton.compile`` on each
-kernel of :mod:`.kernels` for each entry of ``CONFIGS`` (the autotune space) and each input
+kernel of :mod:`.kernels` for each entry of ``configs.CONFIGS`` (the autotune space) and each input
 dtype, down to a cubin (ptxas included), for ``GPUTarget("cuda", 80, 32)`` (A100) and
 ``GPUTarget("cuda", 90, 32)`` (H100), and checks the shared memory each needs against the
 target's per-block limit.
@@ -110,12 +110,12 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
     """(signature, runtime constexprs) of `kernel` for inputs of `dtype` (what the launch
     code passes as ACC / DOT_UP / PRECISION, the size-derived blocks and, for the training
     kernels, the mode `spec` of MODES), GPU semantics."""
-    from . import kernels as K_
+    from . import kernels
 
     t = "*" + _sig(dtype)
     acc = "*" + ("fp64" if dtype == torch.float64 else "fp32")
-    flags = dict(ACC=K_.acc_dtype(dtype), DOT_UP=K_.dot_upcast(dtype, interpreter=False),
-                 PRECISION=K_.dot_precision(dtype))
+    flags = dict(ACC=kernels.acc_dtype(dtype), DOT_UP=kernels.dot_upcast(dtype, interpreter=False),
+                 PRECISION=kernels.dot_precision(dtype))
     if kernel == "gather_partials":
         sig = dict(P=t, F=t, m_part=acc, l_part=acc, acc_part=acc, K="i32", C="i32", N="i32",
                    chunk="i32", S="i32", stride_pb="i32", stride_pk="i32", stride_pn="i32",
@@ -130,7 +130,7 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
                    N="i32", stride_gb="i32", stride_gc="i32", stride_gk="i32",
                    stride_pb="i32", stride_pk="i32", stride_pn="i32", stride_fb="i32",
                    stride_fc="i32", stride_fn="i32", scale="fp32")
-        return sig, dict(flags, BLOCK_K=K_.next_pow2(k_value))
+        return sig, dict(flags, BLOCK_K=kernels.next_pow2(k_value))
     if kernel == "gather_softmax_backward":
         sig = dict(P=t, lse=acc, T=acc, delta=acc, gP=t, K="i32", N="i32", stride_pb="i32",
                    stride_pk="i32", stride_pn="i32", scale="fp32")
@@ -139,7 +139,8 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
         sig = dict(X=t, WQ1=t, BQ1=t, WQ2=t, BQ2=t, KEYS=t, VALUES=t, WCTX=t, WX=t, BOUT=t,
                    OUT=t, C="i32", D="i32", K="i32", N="i32", stride_xb="i32",
                    stride_xc="i32", stride_xn="i32")
-        return sig, dict(flags, D_PAD=K_.next_pow2(D_CHANNELS), K_PAD=K_.next_pow2(k_value))
+        return sig, dict(flags, D_PAD=kernels.next_pow2(D_CHANNELS),
+                         K_PAD=kernels.next_pow2(k_value))
     i32 = "i32"
     if kernel == "train_gemm":
         sig = dict(W=t, Y=t, ZP=t, PV=acc, W2=t, Y2=t, OUT=t, ZO=t, EV=acc, PART=acc, M=i32,
@@ -150,10 +151,10 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
     if kernel == "train_attention":
         sig = dict(Z2=t, PV=acc, KEYS=t, VALUES=t, ATT=t, Z3=t, PART=acc, C=i32, D=i32, K=i32,
                    N=i32, NB=i32)
-        return sig, dict(flags, K_PAD=K_.next_pow2(k_value))
+        return sig, dict(flags, K_PAD=kernels.next_pow2(k_value))
     if kernel == "train_attention_bwd":
         sig = dict(G3=t, Z3=t, EV=acc, VALUES=t, ATT=t, DSIM=t, C=i32, K=i32, N=i32, NB=i32)
-        return sig, dict(flags, K_PAD=K_.next_pow2(k_value))
+        return sig, dict(flags, K_PAD=kernels.next_pow2(k_value))
     if kernel == "train_wgrad":
         sig = dict(L=t, LZ=t, LV=acc, R=t, RV=acc, PART=acc, M=i32, J=i32, N=i32, B=i32,
                    chunk=i32, S=i32, per_image=i32, stride_lb=i32, stride_lm=i32,
@@ -167,10 +168,10 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
 
 def _uses(kernel: str, regime: str, dtype: str, spec: str) -> bool:
     """Whether the launch code runs `kernel` with the configs of `regime` for inputs of
-    `dtype` at class-count specialisation `spec`: the same choice as kernels.regime()."""
-    from . import kernels as K_
+    `dtype` at class-count specialisation `spec`: the same choice as configs.regime()."""
+    from . import configs, kernels
 
-    return K_.regime(kernel, DTYPES[dtype], K_.next_pow2(_spec_k(spec))) == regime
+    return configs.regime(kernel, DTYPES[dtype], kernels.next_pow2(_spec_k(spec))) == regime
 
 
 def _specs(kernel: str) -> list[str]:
@@ -188,12 +189,13 @@ def _specs(kernel: str) -> list[str]:
 def jobs(kernels=None, dtypes=None, targets=None) -> list[Job]:
     """Every (kernel, regime, config, dtype, specialisation, target) that the launch code can
     reach: each config of each regime, for each dtype and class count that selects it."""
-    from . import kernels as K_
+    from . import configs
+    from . import kernels as kernel_sources
 
     out = []
-    for kernel in kernels or list(K_.KERNELS):
-        for regime, configs in K_.CONFIGS[kernel].items():
-            for config in range(len(configs)):
+    for kernel in kernels or list(kernel_sources.KERNELS):
+        for regime, tiles in configs.CONFIGS[kernel].items():
+            for config in range(len(tiles)):
                 for dtype in dtypes or list(DTYPES):
                     for spec in _specs(kernel):
                         if not _uses(kernel, regime, dtype, spec):
@@ -216,15 +218,15 @@ def compile_job(job: Job) -> Result:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        from . import kernels as K_
+        from . import configs, kernels
 
-        cfg = K_.CONFIGS[job.kernel][job.regime][job.config]
+        cfg = configs.CONFIGS[job.kernel][job.regime][job.config]
         meta = dict(cfg.kwargs)
         meta.update(dict(job.override))
         sig, constexprs = _signature(job.kernel, DTYPES[job.dtype], _spec_k(job.spec),
                                      job.spec)
         constexprs = dict(constexprs, **meta)
-        fn = K_.compiled(job.kernel)
+        fn = kernels.compiled(job.kernel)
         signature = dict(sig)
         for name in constexprs:
             signature[name] = "constexpr"
@@ -315,11 +317,11 @@ def _worker() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import kernels as K_
+    from . import kernels
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: cores)")
-    p.add_argument("--kernels", default=",".join(K_.KERNELS),
+    p.add_argument("--kernels", default=",".join(kernels.KERNELS),
                    help="comma list (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list (default: all)")

@@ -12,26 +12,27 @@ Op ``ocrkernels_triton::object_attention_eval``, the schema and semantics of the
 
 Unlike the C++ op, fp16/bf16 stay fp16/bf16 in memory and in the products (tensor cores on
 the GPU), with float32 accumulation, softmax and bias/ReLU epilogues. Kernel:
-``kernels.attention_eval``; nothing of size D or C per pixel is written to memory.
+``attention_eval`` (:mod:`.kernels.object_attention`); nothing of size D or C per pixel is
+written to memory.
 """
 
 import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from . import kernels as K_
-from .spatial_gather import _kernel_flags, check_like, keep_on_cpu, launch, triton_cdiv
+from ._launch import NS, cdiv, check_like, kernel_flags, keep_on_cpu, launch
+from .configs import regime
+from .kernels import next_pow2
 
 __all__ = ["object_attention_eval"]
 
-_NS = "ocrkernels_triton"
 _NAMES = ("feats", "query_w1", "query_b1", "query_w2", "query_b2", "keys", "values",
           "out_w_context", "out_w_feats", "out_b")
 
 
 def _check(feats, query_w1, query_b1, query_w2, query_b2, keys, values, out_w_context,
            out_w_feats, out_b) -> None:
-    where = f"{_NS}::object_attention_eval"
+    where = f"{NS}::object_attention_eval"
     if feats.dim() != 4 or feats.numel() == 0:
         raise RuntimeError(f"{where}: feats must be a non-empty (B, C, H, W) tensor, got "
                            f"{tuple(feats.shape)}")
@@ -58,7 +59,7 @@ def _check(feats, query_w1, query_b1, query_w2, query_b2, keys, values, out_w_co
     check_like(where, "feats", feats, given)
 
 
-@triton_op(f"{_NS}::object_attention_eval", mutates_args=())
+@triton_op(f"{NS}::object_attention_eval", mutates_args=())
 def object_attention_eval(feats: Tensor, query_w1: Tensor, query_b1: Tensor, query_w2: Tensor,
                           query_b2: Tensor, keys: Tensor, values: Tensor, out_w_context: Tensor,
                           out_w_feats: Tensor, out_b: Tensor) -> Tensor:
@@ -72,15 +73,15 @@ def object_attention_eval(feats: Tensor, query_w1: Tensor, query_b1: Tensor, que
     weights = [t.contiguous() for t in (query_w1, query_b1, query_w2, query_b2, keys, values,
                                         out_w_context, out_w_feats, out_b)]
     out = feats.new_empty((B, C, N))
-    k_pad = K_.next_pow2(K)
+    k_pad = next_pow2(K)
 
     def grid(meta):
-        return (B, triton_cdiv(N, meta["BLOCK_N"]))
+        return (B, cdiv(N, meta["BLOCK_N"]))
 
     launch("attention_eval", grid, (x, *weights, out, C, D, K, N, *x.stride()), feats.device,
-           K_.regime("attention_eval", feats.dtype, k_pad),
-           D_PAD=K_.next_pow2(D), K_PAD=k_pad,
-           **_kernel_flags(feats.dtype, feats.device))
+           regime("attention_eval", feats.dtype, k_pad),
+           D_PAD=next_pow2(D), K_PAD=k_pad,
+           **kernel_flags(feats.dtype, feats.device))
     return out.view(B, C, H, W)
 
 

@@ -31,56 +31,23 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import gather_chunk, interpreter_active
-from . import kernels as K_
+from ._launch import (DTYPES, NS, acc_torch_dtype, cdiv, fixed_block_n, kernel_flags,
+                      keep_on_cpu, launch, runs_compiled)
+from .configs import gather_chunk, regime
+from .kernels import next_pow2
 
 __all__ = ["spatial_gather", "spatial_gather_forward", "spatial_gather_backward",
            "default_chunk"]
 
-_NS = "ocrkernels_triton"
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def launch(name: str, grid, args: tuple, device: torch.device, regime: str,
-           config: Optional[dict] = None, **constexprs) -> None:
-    """Run kernel `name` on `grid` (a function of the launch meta-parameters).
-
-    CUDA: the compiled kernel under the autotuner of its config set `regime` (or `config`, a
-    dict of block sizes, when given). CPU, or any device once Triton was imported under
-    ``TRITON_INTERPRET=1``: the interpreted kernel with `config` or
-    ``INTERPRETER_CONFIG[name]``.
-    """
-    if device.type == "cuda" and not interpreter_active():
-        if config is None:
-            wrap_triton(K_.autotuned(name, regime))[grid](*args, **constexprs)
-        else:
-            meta = dict(config)
-            opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-            wrap_triton(K_.compiled(name))[grid](*args, **constexprs, **meta, **opts)
-        return
-    meta = dict(K_.INTERPRETER_CONFIG[name] if config is None else config)
-    meta.pop("num_warps", None)
-    meta.pop("num_stages", None)
-    wrap_triton(K_.interpreted(name))[grid](*args, **constexprs, **meta)
-
-
-def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    return dict(ACC=K_.acc_dtype(dtype), DOT_UP=K_.dot_upcast(dtype, device.type != "cuda"),
-                PRECISION=K_.dot_precision(dtype))
-
 
 def default_chunk(B: int, K: int, C: int, N: int, device: torch.device,
                   dtype: torch.dtype = torch.float16) -> int:
-    """Pixels per split of the forward: on the GPU :func:`ocrkernels.triton.gather_chunk`;
-    under the interpreter about 3 splits, so that even small test shapes merge several
-    splits, one of them ragged."""
-    if device.type != "cuda" or interpreter_active():
+    """Pixels per split of the forward: on the GPU
+    :func:`ocrkernels.triton.configs.gather_chunk`; under the interpreter about 3 splits, so
+    that even small test shapes merge several splits, one of them ragged."""
+    if not runs_compiled(device):
         return max(1, math.ceil(N / 3))
     return gather_chunk(B, K, C, N, torch.cuda.get_device_properties(device).multi_processor_count,
                         torch.empty((), dtype=dtype).element_size())
@@ -88,74 +55,62 @@ def default_chunk(B: int, K: int, C: int, N: int, device: torch.device,
 
 def _check_3d(name: str, t: Tensor, shape: tuple, what: str) -> None:
     if t.dim() != 3 or tuple(t.shape) != shape:
-        raise RuntimeError(f"{_NS}::{what}: {name} must have shape {shape}, got {tuple(t.shape)}")
-
-
-def check_like(where: str, ref_name: str, ref: Tensor, tensors: dict) -> None:
-    """RuntimeError naming the first of `tensors` (name -> tensor) whose dtype or device differs
-    from `ref`'s: the ops take every argument in one dtype, on one device."""
-    for name, t in tensors.items():
-        if t.dtype != ref.dtype:
-            raise RuntimeError(f"{where}: every argument must have the dtype of {ref_name} "
-                               f"({ref.dtype}); {name} has {t.dtype}")
-        if t.device != ref.device:
-            raise RuntimeError(f"{where}: every argument must be on the device of {ref_name} "
-                               f"({ref.device}); {name} is on {t.device}")
+        raise RuntimeError(f"{NS}::{what}: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def _check_gather(probs: Tensor, feats: Tensor, what: str) -> None:
     if probs.dim() != 3 or feats.dim() != 3:
-        raise RuntimeError(f"{_NS}::{what}: probs must be (B, K, N) and feats (B, C, N), got "
+        raise RuntimeError(f"{NS}::{what}: probs must be (B, K, N) and feats (B, C, N), got "
                            f"{tuple(probs.shape)} and {tuple(feats.shape)}")
     B, K, N = probs.shape
     if feats.shape[0] != B or feats.shape[2] != N:
-        raise RuntimeError(f"{_NS}::{what}: feats must have shape (B, C, N) = ({B}, C, {N}), "
+        raise RuntimeError(f"{NS}::{what}: feats must have shape (B, C, N) = ({B}, C, {N}), "
                            f"got {tuple(feats.shape)}")
     if B == 0 or K == 0 or N == 0 or feats.shape[1] == 0:
-        raise RuntimeError(f"{_NS}::{what}: empty input, probs {tuple(probs.shape)}, feats "
+        raise RuntimeError(f"{NS}::{what}: empty input, probs {tuple(probs.shape)}, feats "
                            f"{tuple(feats.shape)}")
-    if probs.dtype not in _DTYPES or feats.dtype != probs.dtype:
-        raise RuntimeError(f"{_NS}::{what}: probs and feats must share one dtype among float32, "
+    if probs.dtype not in DTYPES or feats.dtype != probs.dtype:
+        raise RuntimeError(f"{NS}::{what}: probs and feats must share one dtype among float32, "
                            f"float64, float16, bfloat16, got {probs.dtype} and {feats.dtype}")
     if feats.device != probs.device:
-        raise RuntimeError(f"{_NS}::{what}: feats must be on the device of probs "
+        raise RuntimeError(f"{NS}::{what}: feats must be on the device of probs "
                            f"({probs.device}), got {feats.device}")
 
 
-@triton_op(f"{_NS}::spatial_gather_forward", mutates_args=())
+@triton_op(f"{NS}::spatial_gather_forward", mutates_args=())
 def spatial_gather_forward(probs: Tensor, feats: Tensor, scale: float,
                            chunk: int) -> tuple[Tensor, Tensor]:
     _check_gather(probs, feats, "spatial_gather_forward")
     if chunk < 1:
-        raise RuntimeError(f"{_NS}::spatial_gather_forward: chunk must be >= 1, got {chunk}")
+        raise RuntimeError(f"{NS}::spatial_gather_forward: chunk must be >= 1, got {chunk}")
     B, K, N = probs.shape
     C = feats.shape[1]
-    acc = _acc(probs.dtype)
+    acc = acc_torch_dtype(probs.dtype)
     S = math.ceil(N / chunk)
     m_part = probs.new_empty((B, S, K), dtype=acc)
     l_part = probs.new_empty((B, S, K), dtype=acc)
     acc_part = probs.new_empty((B, S, K, C), dtype=acc)
     out = probs.new_empty((B, C, K))
     lse = probs.new_empty((B, K, 2), dtype=acc)
-    flags = _kernel_flags(probs.dtype, probs.device)
+    flags = kernel_flags(probs.dtype, probs.device)
 
     def grid_partials(meta):
-        return (triton_cdiv(K, meta["BLOCK_K"]), triton_cdiv(C, meta["BLOCK_C"]), B * S)
+        return (cdiv(K, meta["BLOCK_K"]), cdiv(C, meta["BLOCK_C"]), B * S)
 
     def grid_merge(meta):
-        return (B, triton_cdiv(K, meta["BLOCK_K"]), triton_cdiv(C, meta["BLOCK_C"]))
+        return (B, cdiv(K, meta["BLOCK_K"]), cdiv(C, meta["BLOCK_C"]))
 
     launch("gather_partials", grid_partials,
            (probs, feats, m_part, l_part, acc_part, K, C, N, chunk, S, *probs.stride(),
             *feats.stride(), float(scale)), probs.device,
-           K_.regime("gather_partials", probs.dtype, K_.next_pow2(K)), **flags)
+           regime("gather_partials", probs.dtype, next_pow2(K)), **flags)
     launch("gather_merge", grid_merge,
            (m_part, l_part, acc_part, out, lse, K, C, S, *out.stride()), probs.device,
-           K_.regime("gather_merge", probs.dtype, K_.next_pow2(K)), ACC=flags["ACC"])
+           regime("gather_merge", probs.dtype, next_pow2(K)), ACC=flags["ACC"])
     return out, lse
 
 
-@triton_op(f"{_NS}::spatial_gather_backward", mutates_args=())
+@triton_op(f"{NS}::spatial_gather_backward", mutates_args=())
 def spatial_gather_backward(grad_out: Tensor, probs: Tensor, feats: Tensor, lse: Tensor,
                             scale: float) -> tuple[Tensor, Tensor]:
     _check_gather(probs, feats, "spatial_gather_backward")
@@ -163,20 +118,17 @@ def spatial_gather_backward(grad_out: Tensor, probs: Tensor, feats: Tensor, lse:
     C = feats.shape[1]
     _check_3d("grad_out", grad_out, (B, C, K), "spatial_gather_backward")
     _check_3d("lse", lse, (B, K, 2), "spatial_gather_backward")
-    acc = _acc(probs.dtype)
+    acc = acc_torch_dtype(probs.dtype)
     lse = lse.to(acc).contiguous()
     grad_out = grad_out.to(probs.dtype)
-    flags = _kernel_flags(probs.dtype, probs.device)
-    k_pad = K_.next_pow2(K)
-    bwd_regime = K_.regime("gather_backward", probs.dtype, k_pad)
+    flags = kernel_flags(probs.dtype, probs.device)
+    k_pad = next_pow2(K)
+    bwd_regime = regime("gather_backward", probs.dtype, k_pad)
     # The pixel block of the first kernel fixes the rows of delta_part, so it is not tuned:
-    # every config of a regime has the same BLOCK_N (checked in kernels.py), and only the
+    # every config of a regime has the same BLOCK_N (checked in configs.py), and only the
     # channel block, warps and stages are tuned.
-    if probs.device.type == "cuda" and not interpreter_active():
-        block_n = K_.CONFIGS["gather_backward"][bwd_regime][0].kwargs["BLOCK_N"]
-    else:
-        block_n = K_.INTERPRETER_CONFIG["gather_backward"]["BLOCK_N"]
-    blocks = triton_cdiv(N, block_n)
+    block_n = fixed_block_n("gather_backward", probs.dtype, probs.device, k_pad)
+    blocks = cdiv(N, block_n)
     t = probs.new_empty((B, K, N))
     delta_part = probs.new_empty((B, blocks, K), dtype=acc)
     grad_probs = probs.new_empty((B, K, N))
@@ -189,17 +141,13 @@ def spatial_gather_backward(grad_out: Tensor, probs: Tensor, feats: Tensor, lse:
     delta = delta_part.sum(dim=1).contiguous()  # fixed-order reduction: deterministic
 
     def grid(meta):
-        return (B, triton_cdiv(K, meta["BLOCK_K"]), triton_cdiv(N, meta["BLOCK_N"]))
+        return (B, cdiv(K, meta["BLOCK_K"]), cdiv(N, meta["BLOCK_N"]))
 
     launch("gather_softmax_backward", grid,
            (probs, lse, t, delta, grad_probs, K, N, *probs.stride(), float(scale)),
-           probs.device, K_.regime("gather_softmax_backward", probs.dtype, k_pad),
+           probs.device, regime("gather_softmax_backward", probs.dtype, k_pad),
            ACC=flags["ACC"])
     return grad_probs, grad_feats
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---- autograd -------------------------------------------------------------------------------
@@ -238,7 +186,7 @@ def _register_shape_functions() -> None:
         _check_gather(probs, feats, "spatial_gather_forward")
         B, K, _ = probs.shape
         return (probs.new_empty((B, feats.shape[1], K)),
-                probs.new_empty((B, K, 2), dtype=_acc(probs.dtype)))
+                probs.new_empty((B, K, 2), dtype=acc_torch_dtype(probs.dtype)))
 
     @spatial_gather_backward.register_fake
     def _(grad_out, probs, feats, lse, scale):
@@ -247,23 +195,6 @@ def _register_shape_functions() -> None:
 
     for op in (spatial_gather_forward, spatial_gather_backward):
         keep_on_cpu(op, FunctionalTensorMode)
-
-
-def keep_on_cpu(op, mode_class) -> None:
-    """Under `mode_class` (FunctionalTensorMode), interpreted launches (CPU inputs, or any
-    input once Triton runs in interpreter mode) keep the op whole; CUDA inputs use the rule
-    triton_op registered (decomposition into the kernels)."""
-    decompose = op._torch_dispatch_fns.get(mode_class)
-
-    def rule(mode, func, types, args, kwargs):
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        interpreted = interpreter_active() or (first is not None
-                                               and first.device.type != "cuda")
-        if decompose is None or interpreted:
-            return mode.__torch_dispatch__(func, types, args, kwargs)
-        return decompose(mode, func, types, args, kwargs)
-
-    op.register_torch_dispatch(mode_class, rule)
 
 
 _register_shape_functions()

@@ -68,18 +68,15 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2
     if bn.num_features != conv.out_channels:
         raise ValueError(f"fold_batchnorm: BatchNorm of {bn.num_features} channels after a conv "
                          f"of {conv.out_channels} output channels")
+    from ocrkernels.batchnorm import fold_into_conv
+
     dtype = conv.weight.dtype
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(
-        bn.running_var, dtype=torch.float64)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(
-        bn.running_var, dtype=torch.float64)
-    scale = gamma * torch.rsqrt(bn.running_var.double() + bn.eps)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    weight, bias = fold_into_conv(conv.weight, bn, dtype, conv.bias)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                        conv.padding, conv.dilation, conv.groups, bias=True,
                        padding_mode=conv.padding_mode, device=conv.weight.device, dtype=dtype)
-    folded.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
-    folded.bias.copy_(((bias - bn.running_mean.double()) * scale + beta).to(dtype))
+    folded.weight.copy_(weight)
+    folded.bias.copy_(bias)
     return folded
 
 
