@@ -37,6 +37,24 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _bound_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (imports, definitions, assignments)."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+PACKAGE_NAMES = {name: _bound_names(path) for name, path in MODULES.items()
+                 if path.name == "__init__.py"}
+
+
 def _imports(name: str, path: Path) -> set[str]:
     """The project modules ``name`` imports anywhere in its source (function bodies too):
     ``from X import y`` counts as X.y where that is a module, else as X."""
@@ -51,8 +69,14 @@ def _imports(name: str, path: Path) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[:len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
-                       for alias in node.names]
+            targets = []
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    targets.append(f"{base}.{alias.name}")
+                elif base in PACKAGE_NAMES and alias.name not in PACKAGE_NAMES[base]:
+                    continue  # a compiled extension module (ocrkernels._C), not Python source
+                else:
+                    targets.append(base)
         else:
             continue
         for target in targets:
@@ -115,6 +139,8 @@ def test_the_walk_sees_the_imports():
     assert "ocrnet.configs.schema" in GRAPH["ocrnet.configs.io"]
     assert "ocrkernels.ops" in GRAPH["ocrkernels.modules"]
     assert len(MODULES) > 60
+    # `from . import _C` loads the compiled library, not the package's __init__.
+    assert "ocrkernels" not in GRAPH["ocrkernels._extension"]
 
 
 def test_no_import_cycle():

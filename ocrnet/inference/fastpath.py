@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ocrkernels.batchnorm import fold_into_conv
 from ocrkernels.modules import ConvBNReLU, ObjectAttention
 
 from ..configs.schema import IMAGENET_MEAN, IMAGENET_STD
@@ -68,7 +69,6 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2
     if bn.num_features != conv.out_channels:
         raise ValueError(f"fold_batchnorm: BatchNorm of {bn.num_features} channels after a conv "
                          f"of {conv.out_channels} output channels")
-    from ocrkernels.batchnorm import fold_into_conv
 
     dtype = conv.weight.dtype
     weight, bias = fold_into_conv(conv.weight, bn, dtype, conv.bias)
