@@ -9,8 +9,8 @@ float32 inputs of 1x3x512x1024 (1x3x256x512 with ``--quick``):
 * ``fast``: :func:`ocrnet.prepare_for_inference` of the same model: BatchNorm folded into the
   convolutions, fused OCR kernels, channels_last backbone on CPU (``ocrnet bench CONFIG``).
 
-Timing is :func:`ocrnet.evaluation.speed.time_forwards`, the protocol fps is quoted with (and the one
-``ocrnet bench`` uses): batch 1, ``--warmup`` (5) untimed forwards, then ``--images`` (200)
+Timing is :func:`ocrnet.evaluation.speed.time_forwards`, the protocol fps is quoted with (and
+the one ``ocrnet bench`` uses): batch 1, ``--warmup`` (5) untimed forwards, then ``--images`` (200)
 timed ones under ``torch.no_grad()``, only the forward inside the timer; the two paths
 alternate image by image (the order rotating), so that a busy machine slows both alike.
 ``fps`` = images / summed forward seconds, ``median s`` the median forward, ``vs eager`` the

@@ -13,7 +13,8 @@ backend (gloo included), and the fused attention honours both classes:
   input gradient is formed; the weight and bias gradients stay local (DDP averages them), as in
   ``torch.nn.SyncBatchNorm``.
 
-Tensors are laid out as (B, channels, N) or (B, channels, H, W): statistics run over every dim but 1.
+Tensors are laid out as (B, channels, N) or (B, channels, H, W): statistics run over every
+dim but 1.
 
 :func:`fold_into_conv` is the eval-mode counterpart: the one BatchNorm fold (running statistics
 into the preceding conv's weight and bias) of the fused eval path and of ocrnet's inference

@@ -1,4 +1,5 @@
-"""Training-mode fused object attention against the reference block (DESIGN §2, §3)."""
+"""Training-mode fused object attention against the reference block
+(README: "How a kernel is judged")."""
 
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ def step(block, feats, regions, grad_out):
     return out.detach(), feats.grad, regions.grad, grads
 
 
-def assert_same_training(fused, ref, feats, regions, tol=1e-4):  # DESIGN §3
+def assert_same_training(fused, ref, feats, regions, tol=1e-4):  # README: "How a kernel is judged"
     """One training step of each agrees: output, input and parameter gradients, buffers.
 
     Where the float32 reference is more than `tol` away, both are judged against a float64
     step from the same state instead, and the fused result may be off by at most twice the
-    reference's own error (DESIGN §3's criterion): a ReLU input within float32 rounding of 0
+    reference's own error (the README's low-precision criterion): a ReLU input within float32
+    rounding of 0
     can flip its mask in one of the two, and that one element then moves the gradient of its
     whole BatchNorm channel (seen with C=512 on an Intel host, where the fused path matched
     float64 to 2e-6 and the eager reference was 5% off)."""
@@ -212,7 +214,8 @@ def saved_activation_bytes(block, feats, regions) -> int:
 @pytest.mark.parametrize("recompute,fraction", [(True, 1 / 8), (False, 1 / 2)],
                          ids=["recompute", "keep"])
 def test_saved_activations_against_the_reference(recompute, fraction):
-    """Recompute mode: at most 1/8 of the reference's saved activations (DESIGN §5). It keeps
+    """Recompute mode: at most 1/8 of the reference's saved activations
+    (README: "How a kernel is judged"). It keeps
     z4 (C floats per pixel) against the reference's ~4.4k; the K-column projections add a
     constant that 64x64 pixels already make small."""
     fused, ref = make_pair(512, 256, recompute=recompute)

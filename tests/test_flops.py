@@ -1,4 +1,5 @@
-"""ocrnet.utils.flops and ocrkernels.flops: FLOPs by FlopCounterMode, the same numbers as the forward-hook counter
+"""ocrnet.utils.flops and ocrkernels.flops: FLOPs by FlopCounterMode, the same numbers as the
+forward-hook counter
 it replaced, and the same total for the fused inference path as for the reference."""
 
 from __future__ import annotations

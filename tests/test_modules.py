@@ -134,7 +134,8 @@ def test_spatial_gather_module_matches_functional():
 
 
 def test_object_attention_by_hand():
-    """One pixel, one region, identity-like projections: the formula of DESIGN §2 by hand."""
+    """One pixel, one region, identity-like projections: the formula of
+    ocrkernels/reference.py by hand."""
     C, D = 2, 2
     block = ocrkernels.ObjectAttention(C, D).eval()
     for m in block.modules():

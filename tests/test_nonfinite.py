@@ -1,8 +1,9 @@
-"""Non-finite numbers (DESIGN §3): every fused kernel, on every backend, in eval, in the training
-forward and in backward, puts NaN, +inf and -inf exactly where the plain-PyTorch reference puts
-them, and the reference's finite values everywhere else. One bad pixel, class, weight or
-BatchNorm statistic must surface in the outputs as it does in PyTorch, never as plausible finite
-numbers (a ReLU that maps NaN to 0 would hide a diverging run or a corrupt checkpoint).
+"""Non-finite numbers (README: "How a kernel is judged"): every fused kernel, on every backend, in
+eval, in the training forward and in backward, puts NaN, +inf and -inf exactly where the
+plain-PyTorch reference puts them, and the reference's finite values everywhere else. One bad
+pixel, class, weight or BatchNorm statistic must surface in the outputs as it does in PyTorch,
+never as plausible finite numbers (a ReLU that maps NaN to 0 would hide a diverging run or a
+corrupt checkpoint).
 
 The grid: op (spatial gather; the object attention block in eval, training with kept
 activations, training with recompute; the whole OCR head in eval and training) x backend (the
@@ -71,10 +72,10 @@ def use_backend(monkeypatch):
 def assert_same_nonfinite(got: torch.Tensor, want: torch.Tensor, what: str,
                           tol: float = 1e-4, exact: torch.Tensor | None = None) -> None:
     """NaN, +inf and -inf at the same places as the reference `want`, and the finite values
-    within `tol` of the reference's, relative to the largest finite reference value (DESIGN
-    §3). Where a float64 run `exact` is given (inputs so large that float32 itself is
-    ill-conditioned), the finite values may instead be off by up to twice the reference's own
-    error against it (DESIGN §3's criterion for low precision)."""
+    within `tol` of the reference's, relative to the largest finite reference value (README,
+    "How a kernel is judged"). Where a float64 run `exact` is given (inputs so large that
+    float32 itself is ill-conditioned), the finite values may instead be off by up to twice the
+    reference's own error against it (the README's low-precision criterion)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     for name, mask in (("NaN", torch.isnan), ("+inf", torch.isposinf),

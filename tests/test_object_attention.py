@@ -1,4 +1,5 @@
-"""The fused eval-mode pixel-region attention against the reference block (DESIGN §2, §3)."""
+"""The fused eval-mode pixel-region attention against the reference block
+(README: "How a kernel is judged")."""
 
 from __future__ import annotations
 

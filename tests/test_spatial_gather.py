@@ -1,4 +1,5 @@
-"""The fused CPU spatial gather against the plain-PyTorch reference (DESIGN §2, §3)."""
+"""The fused CPU spatial gather against the plain-PyTorch reference
+(README: "How a kernel is judged")."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def test_matches_reference_fp64(shape):
 @pytest.mark.parametrize("shape", [(2, 19, 48, 21, 23), (1, 150, 32, 17, 19), (1, 3, 16, 1, 2500)],
                          ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
 def test_low_precision_error_at_most_twice_reference(shape, dtype):
-    """DESIGN §3: error against float64 at most 2x that of the reference run in the same dtype."""
+    """README, "How a kernel is judged": error against float64 at most 2x that of the reference
+    run in the same dtype."""
     probs, feats, grad = make_inputs(*shape, dtype=dtype)
     out, gp, gf = forward_backward(cpu_op, probs, feats, grad)
     lo_out, lo_gp, lo_gf = forward_backward(reference.spatial_gather, probs, feats, grad)

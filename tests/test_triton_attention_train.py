@@ -1,14 +1,15 @@
 """The Triton training-mode object attention, run by Triton's interpreter on the CPU
-(TRITON_INTERPRET=1), against the reference block and the PyTorch training path (DESIGN §2, §3).
+(TRITON_INTERPRET=1), against the reference block and the PyTorch training path
+(README: "How a kernel is judged").
 
 Shapes are small (the interpreter runs numpy per tile) but keep every masked edge: C, D and N
 not multiples of the 16-wide tiles, K=1, K=19 above one 16-class tile, B > 1, N below one
 block. bf16 runs with the dots upcast to float32 under the interpreter (its tl.dot treats bf16
 as integers); tests/test_triton_aot.py compiles the native bf16 path for the GPU.
 
-Low-precision criterion (DESIGN §3): the error against a float64 run of the same rounded
-parameters and inputs is at most 2x the error of the plain-PyTorch reference block run in that
-dtype, for the output and for every gradient.
+Low-precision criterion (README: "How a kernel is judged"): the error against a float64 run of the
+same rounded parameters and inputs is at most 2x the error of the plain-PyTorch reference block run
+in that dtype, for the output and for every gradient.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ CASES = [
                          + ("-recompute" if c[6] else "-keep"))
 def test_training_step_matches_reference_fp32(case):
     """Output, feature and region gradients, every parameter gradient and every running
-    buffer (DESIGN §3: 1e-4 relative to the scale)."""
+    buffer (README: "How a kernel is judged": 1e-4 relative to the scale)."""
     B, C, D, K, H, W, recompute = case
     fused, ref = make_pair(C, D, recompute=recompute)
     feats = torch.randn(B, C, H, W) * 2 + 0.5

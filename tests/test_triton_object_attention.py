@@ -1,5 +1,5 @@
 """The Triton eval-mode object attention, run by Triton's interpreter on the CPU
-(TRITON_INTERPRET=1), against the reference block (DESIGN §2, §3).
+(TRITON_INTERPRET=1), against the reference block (README: "How a kernel is judged").
 
 The shapes are small (the interpreter runs numpy per tile) but keep every masked edge: C, D
 and N not multiples of the 16-wide tiles, K=1, K above one 16-class tile, B > 1. bf16 runs

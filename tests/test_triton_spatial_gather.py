@@ -1,5 +1,5 @@
 """The Triton spatial gather, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1),
-against the plain-PyTorch reference (DESIGN §2, §3).
+against the plain-PyTorch reference (README: "How a kernel is judged").
 
 The interpreter executes the kernel source itself (numpy), with the block sizes of
 ``kernels.INTERPRETER_CONFIG`` (16: several tiles of K, C and N in every shape below). What it
@@ -103,7 +103,8 @@ def test_gradcheck_fp64():
 @pytest.mark.parametrize("shape", [(2, 19, 24, 5, 9), (1, 3, 16, 1, 70)],
                          ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
 def test_low_precision_error_at_most_twice_reference(shape, dtype):
-    """DESIGN §3: error against float64 at most 2x that of the reference run in the same dtype.
+    """README, "How a kernel is judged": error against float64 at most 2x that of the reference
+    run in the same dtype.
     fp16 runs the kernels' fp16 dots; bf16 the float32-upcast dots (see the module docstring),
     with bf16 loads and stores."""
     assert kernels.dot_upcast(dtype, interpreter=True) == (dtype == torch.bfloat16)
