@@ -4,6 +4,7 @@ user attaches) and the TensorBoard scalars, against metrics.jsonl."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -74,9 +75,7 @@ def test_quiet_run_logs_to_the_file_only(tmp_path, capsys):
 
 
 def test_tensorboard_scalars_match_the_metrics(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("tensorboard is missing; `make test` installs it")
         pytest.skip("tensorboard is not installed (pip install tensorboard)")
