@@ -10,7 +10,6 @@ and :mod:`ocrkernels.reference` for the semantics.
 """
 
 from . import reference
-from ._extension import extension_loaded as _extension_loaded
 from ._fakes import register as _register_fakes
 from .backends import BACKENDS, available_backends, resolve_backend
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -18,10 +17,6 @@ from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
 from .ops import spatial_gather
 
 _register_fakes()  # the compiled ops' shape functions, for torch.compile and FakeTensor
-if _extension_loaded():  # without the compiled library there is no op to count
-    from .flops import register_flop_formulas as _register_flop_formulas
-
-    _register_flop_formulas()  # torch.utils.flop_counter.FlopCounterMode counts the fused ops
 
 __version__ = "0.1.0"
 

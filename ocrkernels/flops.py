@@ -1,6 +1,9 @@
 """FLOP formulas of the ``torch.ops.ocrkernels`` ops for
-``torch.utils.flop_counter.FlopCounterMode``, registered when :mod:`ocrkernels` is imported
-(FlopCounterMode knows only aten ops; without these the fused path would count as free).
+``torch.utils.flop_counter.FlopCounterMode`` (it knows only aten ops; without these the fused
+path would count as free). Call :func:`register_flop_formulas` once before counting
+(:mod:`ocrnet.utils.flops` does); it is not done at ``import ocrkernels`` because
+``torch.utils.flop_counter`` imports Triton, which must not be imported before
+``TRITON_INTERPRET`` is set.
 
 Each op is charged what the plain-PyTorch reference (:mod:`ocrkernels.reference`) spends on
 the same work, so that a fused model and its reference report the same total:
@@ -22,7 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+
+from ._extension import extension_loaded
 
 __all__ = ["object_attention_eval_flops", "pixel_matmul_flops", "pixel_matmul_nt_flops",
            "register_flop_formulas", "spatial_gather_flops"]
@@ -81,8 +85,18 @@ def pixel_matmul_nt_flops(a_shape, y_shape, *args, out_shape=None, **kwargs) -> 
     return 2 * b * m * n * y_shape[1]
 
 
+_registered = False
+
+
 def register_flop_formulas() -> None:
-    """Teach FlopCounterMode the ocrkernels ops (it counts only ops with a formula)."""
+    """Teach FlopCounterMode the ocrkernels ops (it counts only ops with a formula). Safe to
+    call more than once; does nothing without the compiled library (no op could run)."""
+    global _registered
+    if _registered or not extension_loaded():
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    _registered = True
     lib = torch.ops.ocrkernels
     register_flop_formula([lib.spatial_gather, lib.spatial_gather_forward])(
         spatial_gather_flops)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from test_modules import randomise_batchnorm
-from torch.utils.flop_counter import FlopCounterMode
 
 import ocrkernels
 import ocrnet
@@ -16,6 +15,16 @@ from ocrnet.configs import SYNTHETIC_CONFIGS, get_config
 from ocrnet.evaluation.speed import count_flops
 from ocrnet.models import build_segmentor
 from ocrnet.utils.flops import count_model_flops
+
+
+
+def flop_counter_mode():
+    # torch.utils.flop_counter imports Triton: not at collection, before the Triton test
+    # modules set TRITON_INTERPRET.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
 
 needs_ext = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                reason="ocrkernels._C is not built")
@@ -80,7 +89,7 @@ def test_fused_eval_counts_as_reference(name, shape):
     assert count_model_flops(fast, x) == reference
     assert reference == count_flops(cfg, shape)  # on real CPU tensors as on "meta"
     # The fused path really ran the custom ops, and their formulas were used.
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter_mode()
     with counter, torch.no_grad():
         fast(x)
     ops = counter.get_flop_counts()["Global"]
@@ -94,7 +103,7 @@ def test_fused_eval_counts_as_reference(name, shape):
 
 
 def _count(fn, *args) -> dict:
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter_mode()
     with counter:
         fn(*args)
     return counter.get_flop_counts().get("Global", {})

@@ -205,3 +205,20 @@ def test_model_api_and_light_commands_need_no_opencv():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024" in done.stdout
+
+
+def test_importing_ocrnet_imports_no_triton():
+    # Triton must be imported after TRITON_INTERPRET is set, so no ocrnet module may import it
+    # (nor torch.utils.flop_counter, which does) at import time.
+    import subprocess
+    import sys
+
+    names = sorted(n for n in MODULES if n.startswith("ocrnet") and n != "ocrnet.__main__")
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton')[:3])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from ocrkernels.flops import register_flop_formulas
 
 __all__ = ["PARTS", "count_model_flops"]
 
@@ -60,6 +61,11 @@ def count_model_flops(model: nn.Module, x: Tensor) -> dict[str, int]:
         Raises RuntimeError if anything is counted outside the three parts (the segmentor's
         own glue does only resizes and concatenations, which are not counted).
     """
+    # Imported here: torch.utils.flop_counter imports Triton, which must not happen before a
+    # caller sets TRITON_INTERPRET (importing ocrnet must not decide that).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_flop_formulas()  # the fused ops count as what the reference spends on them
     tracked = _tracked_names(model)
     names = {part: tracked[getattr(model, part)] for part in PARTS}
     counter = FlopCounterMode(display=False)
