@@ -8,14 +8,18 @@ float32 inputs of 1x3x512x1024 (1x3x256x512 with ``--quick``):
   BatchNorm folding, contiguous tensors (``ocrnet bench CONFIG --no-fused``);
 * ``fast``: :func:`ocrnet.prepare_for_inference` of the same model: BatchNorm folded into the
   convolutions, fused OCR kernels, channels_last backbone on CPU (``ocrnet bench CONFIG``).
+* the peers of ``--peers`` (``bench/peers.py``), what a user could pick instead:
+  ``compile``, ``torch.compile`` (inductor, freezing) of the eager model, and ``onnxruntime``,
+  ONNX Runtime on the eager model's ONNX export (optional: ``pip install onnxruntime
+  onnxscript``; without it the row is skipped, with the reason in the log and the header).
 
 Timing is :func:`ocrnet.evaluation.speed.time_forwards`, the protocol fps is quoted with (and
 the one ``ocrnet bench`` uses): batch 1, ``--warmup`` (5) untimed forwards, then ``--images`` (200)
-timed ones under ``torch.no_grad()``, only the forward inside the timer; the two paths
-alternate image by image (the order rotating), so that a busy machine slows both alike.
-``fps`` = images / summed forward seconds, ``median s`` the median forward, ``vs eager`` the
-ratio of the two fps of the same run. ``rel err`` is max |fast - eager| / max |eager| of the
-logits, checked once before timing.
+timed ones under ``torch.no_grad()``, only the forward inside the timer; the paths alternate
+image by image (the order rotating), so that a busy machine slows all alike. ``fps`` = images /
+summed forward seconds, ``median s`` the median forward, ``vs eager`` and ``vs best peer`` the
+ratios of fps in the same run. ``rel err`` is max |path - eager| / max |eager| of the logits and
+``argmax agree`` the share of pixels with the eager model's class, checked once before timing.
 
 FLOPs (``GFLOP``, :func:`ocrnet.evaluation.speed.count_flops`, the same count for both rows, so
 ``GFLOP/s`` is proportional to speed): 2 x the multiply-adds of the eager model's convolutions,
@@ -55,6 +59,7 @@ from ocrnet.evaluation.speed import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops,
 from ocrnet.models import build_segmentor
 from ocrnet.models.segmentor import count_parameters
 from ocrnet.utils.fileio import write_json_atomic
+from peers import PEERS, PeerUnavailable, build_peer  # bench/peers.py
 from report import cpu_name, run_lines  # bench/report.py: the header lines bench/run.py prints too
 
 MODELS = {
@@ -65,7 +70,8 @@ MODELS = {
 }
 SHAPE = (1, 3, 512, 1024)
 QUICK_SHAPE = (1, 3, 256, 512)
-PATHS = ("eager", "fast")
+# Peer name -> its version line (or why it was skipped), for the header.
+PEER_VERSIONS: dict[str, str] = {}
 
 
 def log(msg: str) -> None:
@@ -103,8 +109,9 @@ def calibrate_batchnorm(model: nn.Module, generator: torch.Generator,
 
 
 def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images: int,
-                seed: int = 0) -> list[dict]:
-    """The two rows (eager, fast) of one model."""
+                seed: int = 0, peers: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of one model: eager, fast, then every peer of ``peers`` that can run here
+    (one that cannot is logged with its reason and left out)."""
     name = MODELS[key]
     torch.manual_seed(seed)
     eager = build_segmentor(name, fused=False)
@@ -114,37 +121,50 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
     img = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
     flops = count_flops(name, shape)
     params = count_parameters(eager)
+    paths = {"eager": eager, "fast": fast}
+    for peer in peers:
+        log(f"{key}: building {peer}")
+        try:
+            paths[peer], PEER_VERSIONS[peer] = build_peer(peer, eager, img)
+        except PeerUnavailable as exc:
+            log(f"{key}: {peer} skipped: {exc}")
+            PEER_VERSIONS[peer] = f"skipped: {exc}"
+    errors, agreement = {}, {}
     with torch.no_grad():
         ref = eager(img)
-        out = fast(img)
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        for path, model in paths.items():
+            out = model(img)  # the first call of a compiled peer compiles it
+            errors[path] = ((out - ref).abs().max() / ref.abs().max()).item()
+            agreement[path] = (out.argmax(1) == ref.argmax(1)).double().mean().item()
     del ref, out
-    log(f"{key}: {flops['total'] / 1e9:.1f} GFLOP, rel err fast vs eager {err:.2e}; "
-        f"{warmup} warm-up + {images} timed images per path")
+    log(f"{key}: {flops['total'] / 1e9:.1f} GFLOP; rel err vs eager: "
+        + ", ".join(f"{p} {e:.2e}" for p, e in errors.items() if p != "eager")
+        + f"; {warmup} warm-up + {images} timed images per path")
     step = max(1, images // 10)
 
     def progress(done: int, total: int) -> None:
         if done % step == 0 or done == total:
             log(f"{key}: {done}/{total} images")
 
-    timing = time_forwards({"eager": eager, "fast": fast}, shape, images, warmup,
-                           seed=seed + 1, progress=progress)
+    timing = time_forwards(paths, shape, images, warmup, seed=seed + 1, progress=progress)
+    peer_fps = [timing[p]["fps"] for p in paths if p in PEERS]
     rows = []
-    for path in PATHS:
+    for path in paths:
         t = timing[path]
         rows.append({
             "model": key, "config": name, "path": path, "shape": list(shape),
             "fps": t["fps"], "seconds": t["seconds"], "median_s": t["median_s"],
             "speedup_vs_eager": t["fps"] / timing["eager"]["fps"],
+            "speedup_vs_best_peer": t["fps"] / max(peer_fps) if peer_fps else None,
             "gflop": flops["total"] / 1e9,
             "gflop_parts": {k: v / 1e9 for k, v in flops.items() if k != "total"},
             "gflops": flops["total"] / 1e9 * t["fps"],
             "params_m": params / 1e6,
-            "rel_err_vs_eager": 0.0 if path == "eager" else err,
+            "rel_err_vs_eager": errors[path], "argmax_agreement": agreement[path],
             "images": images, "warmup": warmup,
         })
-    log(f"{key}: eager {timing['eager']['fps']:.3f} fps, fast {timing['fast']['fps']:.3f} fps "
-        f"({rows[1]['speedup_vs_eager']:.2f}x)")
+    log(f"{key}: " + ", ".join(f"{r['path']} {r['fps']:.3f} fps ({r['speedup_vs_eager']:.2f}x)"
+                              for r in rows))
     return rows
 
 
@@ -153,14 +173,16 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
 # --------------------------------------------------------------------------------------------
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "path", "fps", "median s", "vs eager", "GFLOP", "GFLOP/s", "params M",
-            "rel err"]
+    cols = ["model", "path", "fps", "median s", "vs eager", "vs best peer", "GFLOP", "GFLOP/s",
+            "params M", "rel err", "argmax agree"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         cells = [r["model"], r["path"], f"{r['fps']:.3f}", f"{r['median_s']:.3f}",
-                 f"{r['speedup_vs_eager']:.2f}x", f"{r['gflop']:.1f}", f"{r['gflops']:.1f}",
-                 f"{r['params_m']:.2f}",
-                 "—" if r["path"] == "eager" else f"{r['rel_err_vs_eager']:.1e}"]
+                 f"{r['speedup_vs_eager']:.2f}x",
+                 "—" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}x",
+                 f"{r['gflop']:.1f}", f"{r['gflops']:.1f}", f"{r['params_m']:.2f}",
+                 "—" if r["path"] == "eager" else f"{r['rel_err_vs_eager']:.1e}",
+                 "—" if r["path"] == "eager" else f"{100 * r['argmax_agreement']:.2f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -184,10 +206,13 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
         "vs eager = this fps / eager fps",
         "- eager: fused=False, BatchNorm unfolded, contiguous; fast: "
         "ocrnet.prepare_for_inference (BN folded, fused OCR kernels, channels_last backbone)",
-        "- GFLOP: conv/linear multiply-adds x2 (hooks) + the OCR core's matmuls (gather, "
-        "similarities, context), as the eager model computes them; by part: " + parts,
-        "- rel err: max |fast - eager| / max |eager| of the logits",
-        f"- peak RSS of the process: {_mib(peak_rss_mib())} (both paths, all models)",
+        "- peers: " + ("; ".join(f"{p}: {v}" for p, v in PEER_VERSIONS.items()) or "none"),
+        "- vs best peer: this fps / the fps of the fastest peer of the same model and run",
+        "- GFLOP: convolution and matmul multiply-adds x2 (FlopCounterMode), the OCR core's "
+        "included, as the eager model computes them; by part: " + parts,
+        "- rel err: max |path - eager| / max |eager| of the logits; argmax agree: pixels with "
+        "the eager model's class",
+        f"- peak RSS of the process: {_mib(peak_rss_mib())} (all paths, all models)",
     ])
 
 
@@ -205,6 +230,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{', '.join(MODELS)}")
         return items
 
+    def peer_list(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
+        bad = [x for x in items if x not in PEERS]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(bad)}; choose from "
+                                             f"{', '.join(PEERS)} or none")
+        return items
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=model_list, default=list(MODELS),
@@ -219,6 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"input {'x'.join(map(str, QUICK_SHAPE))} instead of "
                         f"{'x'.join(map(str, SHAPE))} (smoke test)")
+    p.add_argument("--peers", type=peer_list, default=list(PEERS),
+                   help=f"comma list of peers timed beside eager and fast, among "
+                        f"{', '.join(PEERS)}, or 'none' (default: all; one that cannot run "
+                        "here is skipped with the reason)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = p.parse_args(argv)
     if args.images < 1 or args.warmup < 0:
@@ -236,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = QUICK_SHAPE if args.quick else SHAPE
     rows: list[dict] = []
     for key in args.models:
-        rows += bench_model(key, shape, args.warmup, args.images)
+        rows += bench_model(key, shape, args.warmup, args.images, peers=tuple(args.peers))
         if args.json:  # after every model, so an interrupted run keeps what it measured
             write_json_atomic(args.json, rows)
     print(header(args, shape, started, rows))

@@ -232,7 +232,8 @@ def test_models_bench_smoke(tmp_path):
     out = tmp_path / "models.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "models.py"), "--quick", "--models", "hr18s",
-         "--images", "2", "--warmup", "0", "--threads", "1", "--json", str(out)],
+         "--images", "2", "--warmup", "0", "--threads", "1", "--peers", "none",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "| model | path | fps | median s | vs eager |" in proc.stdout
