@@ -109,7 +109,7 @@ def calibrate_batchnorm(model: nn.Module, generator: torch.Generator,
 
 
 def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images: int,
-                seed: int = 0, peers: tuple[str, ...] = ()) -> list[dict]:
+                seed: int = 0, peers: tuple[str, ...] = (), parts: bool = False) -> list[dict]:
     """The rows of one model: eager, fast, then every peer of ``peers`` that can run here
     (one that cannot is logged with its reason and left out)."""
     name = MODELS[key]
@@ -147,6 +147,8 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
             log(f"{key}: {done}/{total} images")
 
     timing = time_forwards(paths, shape, images, warmup, seed=seed + 1, progress=progress)
+    part_times = ({"eager": time_parts(eager, shape, images, seed + 1),
+                   "fast": time_parts(fast, shape, images, seed + 1)} if parts else None)
     peer_fps = [timing[p]["fps"] for p in paths if p in PEERS]
     rows = []
     for path in paths:
@@ -162,10 +164,67 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
             "params_m": params / 1e6,
             "rel_err_vs_eager": errors[path], "argmax_agreement": agreement[path],
             "images": images, "warmup": warmup,
+            "parts_s": part_times[path] if part_times and path in part_times else None,
         })
     log(f"{key}: " + ", ".join(f"{r['path']} {r['fps']:.3f} fps ({r['speedup_vs_eager']:.2f}x)"
                               for r in rows))
     return rows
+
+
+# The parts of an OCRNet whose time --parts reports, as attribute paths from the model; what is
+# left (the concatenation of the backbone's branches, the final resize) is "rest".
+PARTS = {"backbone": "backbone", "aux head": "aux_head", "3x3 bottleneck": "ocr_head.bottleneck",
+         "gather": "ocr_head.spatial_gather_module",
+         "attention": "ocr_head.object_context_block", "classifier": "ocr_head.conv_seg"}
+
+
+@torch.no_grad()
+def time_parts(model: nn.Module, shape: tuple[int, int, int, int], images: int,
+               seed: int = 0) -> dict[str, float]:
+    """Median seconds per forward of each part of :data:`PARTS` (and the whole, and the rest)
+    over ``images`` forwards after one warm-up, by forward pre/post hooks on the parts."""
+    import statistics
+    import time
+
+    spent: dict[str, list[float]] = {name: [] for name in (*PARTS, "total")}
+    starts: dict[str, float] = {}
+    handles = []
+    for name, path in PARTS.items():
+        module = model.get_submodule(path)
+
+        def pre(_m, _inputs, name=name):
+            starts[name] = time.perf_counter()
+
+        def post(_m, _inputs, _out, name=name):
+            spent[name].append(time.perf_counter() - starts[name])
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    try:
+        model(x)
+        for values in spent.values():
+            values.clear()
+        for _ in range(images):
+            start = time.perf_counter()
+            model(x)
+            spent["total"].append(time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    medians = {name: statistics.median(values) for name, values in spent.items()}
+    medians["rest"] = medians["total"] - sum(medians[name] for name in PARTS)
+    return medians
+
+
+def parts_table(times: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per timed path, one column per part (milliseconds)."""
+    names = [*PARTS, "rest", "total"]
+    lines = ["| path | " + " | ".join(f"{n} ms" for n in names) + " |",
+             "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
+    for path, medians in times.items():
+        lines.append(f"| {path} | " + " | ".join(f"{1000 * medians[n]:.0f}" for n in names)
+                     + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma list of peers timed beside eager and fast, among "
                         f"{', '.join(PEERS)}, or 'none' (default: all; one that cannot run "
                         "here is skipped with the reason)")
+    p.add_argument("--parts", action="store_true",
+                   help="after the timing, the median time of each part (backbone, aux head, "
+                        "3x3 bottleneck, gather, attention, classifier) of eager and fast")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = p.parse_args(argv)
     if args.images < 1 or args.warmup < 0:
@@ -273,12 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     shape = QUICK_SHAPE if args.quick else SHAPE
     rows: list[dict] = []
     for key in args.models:
-        rows += bench_model(key, shape, args.warmup, args.images, peers=tuple(args.peers))
+        rows += bench_model(key, shape, args.warmup, args.images, peers=tuple(args.peers),
+                            parts=args.parts)
         if args.json:  # after every model, so an interrupted run keeps what it measured
             write_json_atomic(args.json, rows)
     print(header(args, shape, started, rows))
     print()
     print(markdown_table(rows))
+    for key in args.models if args.parts else ():
+        print(f"\nWhere the time goes, {key} (median per forward, forward hooks on the parts):\n")
+        print(parts_table({r["path"]: r["parts_s"] for r in rows
+                           if r["model"] == key and r["parts_s"] is not None}))
     return 0
 
 

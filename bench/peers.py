@@ -9,6 +9,9 @@ the bench skips that row and says why instead of failing.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -66,13 +69,21 @@ def _onnxruntime_peer(eager: nn.Module, example: Tensor) -> tuple[nn.Module, str
                               "onnxscript)") from None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
+        exporter_log = logging.getLogger("torch.onnx")
+        level = exporter_log.level
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            # The exporter reports its steps on stdout and its registry on the log; the bench
+            # keeps stdout for its table and stderr for progress.
+            exporter_log.setLevel(logging.ERROR)
+            with warnings.catch_warnings(), torch.no_grad(), \
+                    contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(eager, (example,), str(path), dynamo=True, optimize=True,
                                   verbose=False)
         except ImportError as exc:  # the dynamo exporter needs onnxscript
             raise PeerUnavailable(f"ONNX export needs onnxscript ({exc})") from None
+        finally:
+            exporter_log.setLevel(level)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1

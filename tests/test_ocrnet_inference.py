@@ -16,7 +16,7 @@ from torch import nn
 
 import ocrkernels
 import ocrnet
-from ocrnet.inference.fastpath import fold_batchnorm, is_prepared, normalise
+from ocrnet.inference.fastpath import PointwiseConv, fold_batchnorm, is_prepared, normalise
 from ocrnet.models import build_segmentor
 
 HR18S = "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024"
@@ -102,6 +102,31 @@ def test_prepare_folds_everything_but_the_attention_block():
         ocrnet.prepare_for_inference(fast, channels_last=True)
     cl = ocrnet.prepare_for_inference(model, channels_last=True)
     assert cl.backbone.inner.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prepare_runs_the_heads_1x1_convolutions_as_pixel_matmuls():
+    model = _small_model()
+    fast = ocrnet.prepare_for_inference(model, channels_last=False)
+    pointwise = [n for n, m in fast.named_modules() if isinstance(m, PointwiseConv)]
+    # The HRNet auxiliary head's 1x1 ConvModule and classifier, the OCR head's classifier.
+    assert pointwise == ["decode_head.0.convs.0.conv", "decode_head.0.conv_seg",
+                         "decode_head.1.conv_seg"]
+    assert isinstance(fast.ocr_head.object_context_block.query_project[0].conv, nn.Conv2d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_conv_is_the_convolution(dtype):
+    conv = nn.Conv2d(37, 11, 1).to(dtype)
+    x = torch.randn(2, 37, 9, 13, dtype=dtype)
+    with torch.no_grad():
+        want = conv(x)
+        got = PointwiseConv(conv)(x)
+        got_cl = PointwiseConv(conv)(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == want.shape == (2, 11, 9, 13)
+    assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-14)
+    assert rel_err(got_cl, want) <= (1e-6 if dtype == torch.float32 else 1e-14)
+    if dtype == torch.float64:  # not a pixel_matmul dtype: the convolution itself
+        assert torch.equal(got, want)
 
 
 def test_prepare_argument_errors():

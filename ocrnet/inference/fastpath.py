@@ -15,6 +15,8 @@ What :func:`prepare_for_inference` changes, and why it is exact in eval mode:
 * the OCR head's object-attention block keeps its BatchNorms: its fused kernel folds them
   itself (and reads ``bn`` of each CBR); its 3x3 ``bottleneck`` CBR is folded like the rest;
 * the OCR head runs its fused kernels (``fused=True``);
+* the heads' 1x1 convolutions (the auxiliary head's, the classifier) run as ocrkernels' pixel
+  matmul on the CPU (:class:`PointwiseConv`): the same products in another order;
 * on CPU the backbone runs in channels_last (NHWC) memory format and hands contiguous maps to
   the heads: oneDNN's convolutions are faster in NHWC, while the heads (the fused OCR core reads
   NCHW) are faster contiguous; the whole model is fastest with that split (the measurements are
@@ -29,8 +31,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ocrkernels import backends
 from ocrkernels.batchnorm import fold_into_conv
 from ocrkernels.modules import ConvBNReLU, ObjectAttention
 
@@ -143,10 +147,51 @@ class _ChannelsLastBackbone(nn.Module):
         return [o.contiguous() for o in outs]
 
 
+class PointwiseConv(nn.Module):
+    """A folded 1x1 convolution of a head (stride 1, no groups, no padding) as the
+    ``ocrkernels::pixel_matmul`` kernel where ``ocrkernels.backends`` says it runs (float32 CPU
+    maps), else as the convolution: (B, C, H, W) -> (B, O, H, W). On the CPU, on NCHW maps of
+    the heads' shapes, that kernel is 2-6x faster than the 1x1 convolution (the OCRNet
+    auxiliary head's 270 -> 270 and 270 -> K, the classifier's 512 -> K; docs/PERFORMANCE.md)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = (None if conv.bias is None
+                     else nn.Parameter(conv.bias.detach().clone(), requires_grad=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not backends.compiled_pixel_matmul(x) or backends.reference_forced():
+            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        b, c, h, w = x.shape
+        out = torch.ops.ocrkernels.pixel_matmul(self.weight, x.reshape(b, c, h * w))
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(b, -1, h, w)
+
+
+def _pointwise_heads(model: OCRNet) -> int:
+    """Replace the 1x1 convolutions of the auxiliary head and the OCR head's classifier by
+    :class:`PointwiseConv`; the number replaced. (The object-attention block runs its own
+    kernel; the backbone's 1x1 convolutions run channels_last, where oneDNN is fast.)"""
+    replaced = 0
+    for head in (model.aux_head, model.ocr_head):
+        for name, conv in list(head.named_modules()):
+            if (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+                    and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
+                    and not name.startswith("object_context_block")):
+                parent, _, attr = name.rpartition(".")
+                setattr(head.get_submodule(parent) if parent else head, attr,
+                        PointwiseConv(conv))
+                replaced += 1
+    return replaced
+
+
 def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> OCRNet:
     """An inference copy of ``model`` (which is not modified): eval mode, parameters frozen,
     every backbone and head conv -> BatchNorm pair folded (the object-attention block excepted,
-    which its fused kernel folds), the fused OCR kernels switched on.
+    which its fused kernel folds), the heads' 1x1 convolutions as :class:`PointwiseConv`, the
+    fused OCR kernels switched on.
 
     Args:
         model: an :class:`~ocrnet.models.segmentor.OCRNet` (any mode).
@@ -176,6 +221,7 @@ def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> O
         channels_last = next(model.parameters()).device.type == "cpu"
     fast = copy.deepcopy(model).eval()
     fold_batchnorm(fast)
+    _pointwise_heads(fast)
     for p in fast.parameters():  # after folding, which makes new parameters
         p.requires_grad_(False)
     fast.fused = True
