@@ -42,7 +42,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -183,9 +185,6 @@ def time_parts(model: nn.Module, shape: tuple[int, int, int, int], images: int,
                seed: int = 0) -> dict[str, float]:
     """Median seconds per forward of each part of :data:`PARTS` (and the whole, and the rest)
     over ``images`` forwards after one warm-up, by forward pre/post hooks on the parts."""
-    import statistics
-    import time
-
     spent: dict[str, list[float]] = {name: [] for name in (*PARTS, "total")}
     starts: dict[str, float] = {}
     handles = []

@@ -37,6 +37,8 @@ class _Compiled(nn.Module):
         self.compiled = torch.compile(eager, backend="inductor")
 
     def forward(self, x: Tensor) -> Tensor:
+        # Imported here: inductor imports Triton, which the tests must not load before they
+        # set TRITON_INTERPRET (they import this module at collection).
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
@@ -50,7 +52,6 @@ class _OnnxRuntime(nn.Module):
     def __init__(self, session, input_name: str):
         super().__init__()
         self.session, self.input_name = session, input_name
-        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)  # for .parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.session.run(None, {self.input_name: x.contiguous().numpy()})[0]

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += gpu_rows
         else:
             log("NOTE: the Triton backend is not available on this device, no do_bench table: "
-                + str(ocrkernels.ops._unavailable_reason("triton", device)))
+                + str(ocrkernels.backends.unavailable_reason("triton", device)))
     if args.json:
         write_json_atomic(args.json, rows)
         log(f"wrote {len(rows)} rows to {args.json}")

@@ -140,15 +140,15 @@ def _with_backend(backend: str, call: Callable[..., Tensor]) -> Callable[..., Te
     """call with OCRKERNELS_BACKEND=backend (what the module's ``auto`` resolves to) during the
     forward, so that one run can time the Triton and the CUDA kernels of the same block."""
     def run(*args: Tensor) -> Tensor:
-        old = os.environ.get(ocrkernels.ops.BACKEND_ENV)
-        os.environ[ocrkernels.ops.BACKEND_ENV] = backend
+        old = os.environ.get(ocrkernels.backends.BACKEND_ENV)
+        os.environ[ocrkernels.backends.BACKEND_ENV] = backend
         try:
             return call(*args)
         finally:
             if old is None:
-                del os.environ[ocrkernels.ops.BACKEND_ENV]
+                del os.environ[ocrkernels.backends.BACKEND_ENV]
             else:
-                os.environ[ocrkernels.ops.BACKEND_ENV] = old
+                os.environ[ocrkernels.backends.BACKEND_ENV] = old
     run.train_block = call.train_block
     return run
 

@@ -34,9 +34,6 @@ __all__ = ["spatial_gather", "object_attention", "available_backends", "resolve_
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# The name bench/run.py asks for the reason a backend cannot run.
-_unavailable_reason = backends.unavailable_reason
-
 
 # ---- spatial gather ---------------------------------------------------------------------------
 

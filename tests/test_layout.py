@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,9 +191,6 @@ def test_only_fileio_renames_files():
 def test_model_api_and_light_commands_need_no_opencv():
     # OpenCV comes with the data extra; the model API, `ocrnet configs` and `ocrnet convert`
     # work without it (the CLI imports only the module of the command that runs).
-    import subprocess
-    import sys
-
     code = ("import sys; sys.modules['cv2'] = None\n"
             "import ocrnet\n"
             "from ocrnet.cli import main\n"
@@ -210,9 +209,6 @@ def test_model_api_and_light_commands_need_no_opencv():
 def test_importing_ocrnet_imports_no_triton():
     # Triton must be imported after TRITON_INTERPRET is set, so no ocrnet module may import it
     # (nor torch.utils.flop_counter, which does) at import time.
-    import subprocess
-    import sys
-
     names = sorted(n for n in MODULES if n.startswith("ocrnet") and n != "ocrnet.__main__")
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n"

@@ -91,9 +91,7 @@ class RunLog:
     def line(self, text: str, echo: bool = True, level: int = logging.INFO) -> None:
         """Log ``text`` (to ``train.log``, and to the console when ``echo``)."""
         if self.enabled:
-            self.logger.log(level, text, extra={"console": echo})
-            for handler in self._handlers:
-                handler.flush()
+            self.logger.log(level, text, extra={"console": echo})  # handlers flush on emit
 
     def row(self, row: Mapping[str, Any]) -> None:
         """Append one JSON object to ``metrics.jsonl``."""

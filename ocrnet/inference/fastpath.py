@@ -170,11 +170,10 @@ class PointwiseConv(nn.Module):
         return out.view(b, -1, h, w)
 
 
-def _pointwise_heads(model: OCRNet) -> int:
+def _pointwise_heads(model: OCRNet) -> None:
     """Replace the 1x1 convolutions of the auxiliary head and the OCR head's classifier by
-    :class:`PointwiseConv`; the number replaced. (The object-attention block runs its own
+    :class:`PointwiseConv`. (The object-attention block runs its own
     kernel; the backbone's 1x1 convolutions run channels_last, where oneDNN is fast.)"""
-    replaced = 0
     for head in (model.aux_head, model.ocr_head):
         for name, conv in list(head.named_modules()):
             if (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
@@ -183,8 +182,6 @@ def _pointwise_heads(model: OCRNet) -> int:
                 parent, _, attr = name.rpartition(".")
                 setattr(head.get_submodule(parent) if parent else head, attr,
                         PointwiseConv(conv))
-                replaced += 1
-    return replaced
 
 
 def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> OCRNet:

@@ -15,10 +15,11 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["predict_batch", "predict_logits", "resize_logits", "resolve_test_config",
+from ..models.losses import resize_logits
+
+__all__ = ["predict_batch", "predict_logits", "resize_for", "resolve_test_config",
            "slide_logits", "slide_test_config", "unwrap"]
 
 
@@ -55,11 +56,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def resize_logits(model: nn.Module, logits: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    align = bool(getattr(unwrap(model), "align_corners", False))
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align)
+def resize_for(model: nn.Module, logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, K, h, w) logits of ``model`` resized bilinearly to ``size`` with the model's
+    ``align_corners`` (:func:`ocrnet.models.losses.resize_logits`)."""
+    return resize_logits(logits, size, bool(getattr(unwrap(model), "align_corners", False)))
 
 
 def predict_logits(model: nn.Module, img: Tensor, test_cfg=None,
@@ -73,7 +73,7 @@ def predict_logits(model: nn.Module, img: Tensor, test_cfg=None,
                               unwrap(model).num_classes)
     else:
         logits = model(img).float()
-    return logits if out_size is None else resize_logits(model, logits, out_size)
+    return logits if out_size is None else resize_for(model, logits, out_size)
 
 
 def predict_batch(model: nn.Module, images: Sequence[Tensor], test_cfg=None,
@@ -99,7 +99,7 @@ def predict_batch(model: nn.Module, images: Sequence[Tensor], test_cfg=None,
         logits = predict_logits(model, torch.stack([images[i] for i in idx]), test_cfg)
         for j, i in enumerate(idx):
             size = tuple(out_sizes[i]) if out_sizes is not None else shape[1:]
-            out[i] = resize_logits(model, logits[j:j + 1], size)[0]
+            out[i] = resize_for(model, logits[j:j + 1], size)[0]
     return out  # type: ignore[return-value]
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..data import build_collate
 from ..data.transforms import Resize, rescale_size
-from .predict import predict_logits, resize_logits
+from .predict import predict_logits, resize_for
 
 __all__ = ["multiscale_flip", "tta_sizes"]
 
@@ -114,7 +114,7 @@ def multiscale_flip(model: nn.Module, image: np.ndarray, config, *, test_cfg=Non
             logits = predict_logits(model, x.flip(-1) if flipped else x, test_cfg)
             if flipped:
                 logits = logits.flip(-1)  # back before resizing, as mmseg's postprocess
-            probs = resize_logits(model, logits, out_size).softmax(1)
+            probs = resize_for(model, logits, out_size).softmax(1)
             total = probs if total is None else total + probs
             passes += 1
     return total / passes
