@@ -61,6 +61,7 @@ from ocrnet.evaluation.speed import DEFAULT_IMAGES, DEFAULT_WARMUP, count_flops,
 from ocrnet.models import build_segmentor
 from ocrnet.models.segmentor import count_parameters
 from ocrnet.utils.fileio import write_json_atomic
+from ocrnet.utils.memory import keep_freed_memory
 from peers import PEERS, PeerUnavailable, build_peer  # bench/peers.py
 from report import cpu_name, run_lines  # bench/report.py: the header lines bench/run.py prints too
 
@@ -263,7 +264,12 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
         "path, the paths alternating image by image; fps = images / summed forward time; "
         "vs eager = this fps / eager fps",
         "- eager: fused=False, BatchNorm unfolded, contiguous; fast: "
-        "ocrnet.prepare_for_inference (BN folded, fused OCR kernels, channels_last backbone)",
+        "ocrnet.prepare_for_inference (BN folded, fused OCR kernels, Winograd 3x3 bottleneck, "
+        "channels_last backbone)",
+        "- allocator: " + ("glibc keeps freed blocks up to 1 GiB for reuse "
+                           "(ocrnet.utils.memory.keep_freed_memory, called by "
+                           "prepare_for_inference), process-wide: every path runs with it"
+                           if keep_freed_memory() else "the C library's default"),
         "- peers: " + ("; ".join(f"{p}: {v}" for p, v in PEER_VERSIONS.items()) or "none"),
         "- vs best peer: this fps / the fps of the fastest peer of the same model and run",
         "- GFLOP: convolution and matmul multiply-adds x2 (FlopCounterMode), the OCR core's "

@@ -15,8 +15,11 @@ from .backends import BACKENDS, available_backends, resolve_backend
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
 from .ops import spatial_gather
+from .winograd import WinogradConv2d, conv3x3_winograd
+from .winograd import register_autograd as _register_winograd_autograd
 
 _register_fakes()  # the compiled ops' shape functions, for torch.compile and FakeTensor
+_register_winograd_autograd()
 
 __version__ = "0.1.0"
 
@@ -27,7 +30,9 @@ __all__ = [
     "ObjectAttention",
     "SpatialGather",
     "SyncBatchNorm",
+    "WinogradConv2d",
     "available_backends",
+    "conv3x3_winograd",
     "convert_sync_batchnorm",
     "reference",
     "resolve_backend",

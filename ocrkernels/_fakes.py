@@ -63,6 +63,12 @@ def register() -> None:
                      lambda: "pixel_matmul_nt: a must be (B, M, N) and y (B, J, N)")
         return a.new_empty((a.shape[1], y.shape[1]))
 
+    @torch.library.register_fake("ocrkernels::conv3x3_winograd")
+    def _(x, weight, weight_winograd, bias=None, relu=False):
+        torch._check(x.dim() == 4 and weight.dim() == 4 and weight.shape[1] == x.shape[1],
+                     lambda: "conv3x3_winograd: x must be (B, C, H, W) and weight (O, C, 3, 3)")
+        return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
     @torch.library.register_fake("ocrkernels::bn_relu_inplace")
     def _(z, mean, scale, beta):
         return None

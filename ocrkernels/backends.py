@@ -109,6 +109,8 @@ CPU_CHAIN_KERNELS = has_kernel("ocrkernels::pixel_matmul", "CPU")
 # The CUDA twins of the BatchNorm-ReLU passes (csrc/ocrkernels/cuda), where built. The GEMMs
 # stay with cuBLAS on CUDA: the CUDA pixel_matmul kernels are plain baselines.
 CUDA_BN_KERNELS = has_kernel("ocrkernels::bn_relu_backward_apply_inplace", "CUDA")
+# The Winograd F(4x4, 3x3) convolution of the CPU kernels (ocrkernels/winograd.py).
+CPU_WINOGRAD_KERNEL = has_kernel("ocrkernels::conv3x3_winograd", "CPU")
 # The one-pass per-channel variance and mean of the CPU kernels.
 CPU_VAR_MEAN_KERNEL = has_kernel("ocrkernels::batch_var_mean", "CPU")
 
@@ -117,6 +119,13 @@ def compiled_pixel_matmul(x: Tensor) -> bool:
     """Whether the chain's products over the maps `x` run the ``ocrkernels::pixel_matmul``
     kernels (float32 CPU tensors); otherwise torch.mm image by image."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and CPU_CHAIN_KERNELS
+
+
+def compiled_winograd(x: Tensor) -> bool:
+    """Whether a 3x3 convolution of `x` runs ``ocrkernels::conv3x3_winograd`` (float32 or
+    float64 CPU maps, unless ``OCRKERNELS_BACKEND=reference``); otherwise ``F.conv2d``."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and CPU_WINOGRAD_KERNEL and not reference_forced())
 
 
 def compiled_bn_relu(z: Tensor) -> bool:

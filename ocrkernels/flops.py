@@ -28,7 +28,7 @@ import torch
 
 from ._extension import extension_loaded
 
-__all__ = ["object_attention_eval_flops", "pixel_matmul_flops", "pixel_matmul_nt_flops",
+__all__ = ["conv3x3_winograd_flops", "object_attention_eval_flops", "pixel_matmul_flops", "pixel_matmul_nt_flops",
            "register_flop_formulas", "spatial_gather_flops"]
 
 
@@ -85,6 +85,13 @@ def pixel_matmul_nt_flops(a_shape, y_shape, *args, out_shape=None, **kwargs) -> 
     return 2 * b * m * n * y_shape[1]
 
 
+def conv3x3_winograd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """x (B, C, H, W), weight (O, C, 3, 3): the direct convolution's count, 2 B O C 9 H W (the
+    kernel does fewer multiplications; the count is the work it replaces, as for the others)."""
+    b, c, h, w = x_shape
+    return 2 * b * weight_shape[0] * c * 9 * h * w
+
+
 _registered = False
 
 
@@ -104,4 +111,5 @@ def register_flop_formulas() -> None:
     register_flop_formula(lib.object_attention_eval)(object_attention_eval_flops)
     register_flop_formula([lib.pixel_matmul, lib.pixel_matmul_into])(pixel_matmul_flops)
     register_flop_formula(lib.pixel_matmul_nt)(pixel_matmul_nt_flops)
+    register_flop_formula(lib.conv3x3_winograd)(conv3x3_winograd_flops)
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
 # Outputs of every kind of GEMM call the kernels make: pixel_matmul (partial 6/12-row tiles,
 # partial strips, a second product), pixel_matmul_nt (packed and dot-product paths),
 # pixel_matmul_into, the gather forward and backward (K = 19 and 150, streamed gradients), the
-# eval attention kernel (bias + ReLU epilogues, a streamed output) and a training step.
+# eval attention kernel (bias + ReLU epilogues, a streamed output), a training step and the
+# Winograd convolution (its transforms and GEMMs).
 SCRIPT = r"""
 import sys, torch, ocrkernels
 from ocrkernels.modules import ObjectAttention
@@ -36,6 +37,10 @@ res["nt_narrow"] = ops.pixel_matmul_nt(torch.randn(1, 45, 333), torch.randn(1, 1
 out = torch.empty(2, 13, 50)
 ops.pixel_matmul_into(torch.randn(13, 7), torch.randn(2, 7, 50), None, None, out)
 res["into"] = out
+wino_w = torch.randn(24, 20, 3, 3)
+res["winograd"] = ops.conv3x3_winograd(torch.randn(2, 20, 9, 263), wino_w,
+                                       ocrkernels.winograd.transform_weight(wino_w),
+                                       torch.randn(24), True)
 for K, (H, W) in ((19, (13, 17)), (150, (32, 32))):
     p = torch.randn(2, K, H, W, requires_grad=True)
     f = torch.randn(2, 40, H, W, requires_grad=True)

@@ -16,6 +16,7 @@ from torch import nn
 
 import ocrkernels
 import ocrnet
+from ocrkernels.winograd import WinogradConv2d
 from ocrnet.inference.fastpath import PointwiseConv, fold_batchnorm, is_prepared, normalise
 from ocrnet.models import build_segmentor
 
@@ -87,8 +88,9 @@ def test_prepare_folds_everything_but_the_attention_block():
     left = _bn_owners(fast)
     assert left and all(n.startswith("decode_head.1.object_context_block.") for n in left)
     assert len(left) == 7  # 2 query, 2 key, value, out_project, bottleneck
-    assert isinstance(fast.ocr_head.bottleneck.bn, nn.Identity)
-    assert fast.ocr_head.bottleneck.conv.bias is not None
+    # The bottleneck's conv-BN-ReLU: folded, then the Winograd convolution with its ReLU.
+    assert isinstance(fast.ocr_head.bottleneck, WinogradConv2d) and fast.ocr_head.bottleneck.relu
+    assert fast.ocr_head.bottleneck.bias is not None
     assert not fast.training and fast.fused and is_prepared(fast)
     assert not any(p.requires_grad for p in fast.parameters())
     # The original is untouched: same weights, same modules, still unfused.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
+import sys
 import stat
 
 import pytest
@@ -85,3 +88,35 @@ def test_saved_tensor_bytes_counts_what_autograd_keeps():
     assert kept == 100 * 30 * 4  # one storage, counted once
     with torch.no_grad():
         assert saved_tensor_bytes(lambda: x.exp())[1] == 0
+
+
+_KEEP_SCRIPT = r"""
+import ctypes, sys
+import torch
+from ocrnet.utils.memory import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() and keep_freed_memory()
+t = torch.ones(64 << 18)  # 64 MiB, above glibc's default mmap threshold (32 MiB at most)
+del t
+print(libc.mallinfo2().fordblks >> 20, libc.mallinfo2().hblkhd >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None),
+                    "mallinfo2"), reason="glibc >= 2.33 only (mallinfo2)")
+def test_keep_freed_memory_keeps_a_freed_feature_map_in_the_heap():
+    """A freed 64 MiB block: unmapped by default; kept in the heap (free, reusable) after."""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _KEEP_SCRIPT, mode], capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()
+        return int(out[0]), int(out[1])  # free heap MiB, mapped MiB
+    free_default, _ = run("default")
+    free_kept, _ = run("keep")
+    assert free_default < 64 <= free_kept

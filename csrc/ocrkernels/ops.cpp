@@ -38,6 +38,12 @@ TORCH_LIBRARY(ocrkernels, m) {
   // Weight gradients: out = sum_b a[b] . y[b]^T, a (B, M, N), y (B, J, N) -> (M, J); the sum
   // over b and n in a fixed order.
   m.def("pixel_matmul_nt(Tensor a, Tensor y) -> Tensor");
+  // Eval-mode 3x3 convolution, stride 1, padding 1, by Winograd F(4x4, 3x3): x (B, C, H, W),
+  // weight (O, C, 3, 3), weight_winograd (36, O, C) = ocrkernels.winograd.transform_weight(weight),
+  // bias (O) -> relu?(conv2d(x, weight, bias, padding=1)) (B, O, H, W), float32 or float64.
+  m.def(
+      "conv3x3_winograd(Tensor x, Tensor weight, Tensor weight_winograd, Tensor? bias, "
+      "bool relu=False) -> Tensor");
   // Training-mode BatchNorm + ReLU over (B, ch, N) maps, float32 or float64, per channel
   // vectors of length ch. The forward and the recompute in backward both call bn_relu, so the
   // ReLU masks agree bit for bit:

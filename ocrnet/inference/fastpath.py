@@ -17,10 +17,16 @@ What :func:`prepare_for_inference` changes, and why it is exact in eval mode:
 * the OCR head runs its fused kernels (``fused=True``);
 * the heads' 1x1 convolutions (the auxiliary head's, the classifier) run as ocrkernels' pixel
   matmul on the CPU (:class:`PointwiseConv`): the same products in another order;
+* the heads' 3x3 conv-ReLU blocks (the OCR head's bottleneck) run as Winograd F(4x4, 3x3)
+  (:mod:`ocrkernels.winograd`): the same function with about 1e-5 relative rounding error
+  instead of 1e-7, and a third of the multiplications;
 * on CPU the backbone runs in channels_last (NHWC) memory format and hands contiguous maps to
   the heads: oneDNN's convolutions are faster in NHWC, while the heads (the fused OCR core reads
   NCHW) are faster contiguous; the whole model is fastest with that split (the measurements are
-  in docs/PERFORMANCE.md, "Measurements formerly in docstrings").
+  in docs/PERFORMANCE.md, "Measurements formerly in docstrings");
+* on CPU, glibc keeps freed blocks for reuse (``keep_memory``,
+  :func:`ocrnet.utils.memory.keep_freed_memory`): not a change to the model, but the fresh,
+  zero-filled pages of every large feature map were a third of a forward's time.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from torch import Tensor, nn
 from ocrkernels import backends
 from ocrkernels.batchnorm import fold_into_conv
 from ocrkernels.modules import ConvBNReLU, ObjectAttention
+from ocrkernels.winograd import WinogradConv2d, winograd_applies
 
 from ..configs.schema import IMAGENET_MEAN, IMAGENET_STD
+from ..utils.memory import keep_freed_memory
 from ..models.hrnet import HRNet
 from ..models.resnet import BasicBlock, Bottleneck
 from ..models.segmentor import OCRNet
@@ -184,7 +192,22 @@ def _pointwise_heads(model: OCRNet) -> None:
                         PointwiseConv(conv))
 
 
-def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> OCRNet:
+def _winograd_heads(model: OCRNet) -> None:
+    """Replace the heads' folded 3x3 conv-ReLU blocks (the OCR head's bottleneck, ResNet
+    models' auxiliary 3x3 conv) by :class:`~ocrkernels.winograd.WinogradConv2d`: about a third
+    of the direct convolution's time on the CPU at these widths (docs/PERFORMANCE.md)."""
+    for head in (model.aux_head, model.ocr_head):
+        for name, block in list(head.named_modules()):
+            if (isinstance(block, ConvBNReLU) and isinstance(block.bn, nn.Identity)
+                    and winograd_applies(block.conv)
+                    and not name.startswith("object_context_block")):
+                parent, _, attr = name.rpartition(".")
+                setattr(head.get_submodule(parent) if parent else head, attr,
+                        WinogradConv2d(block.conv, relu=True))
+
+
+def prepare_for_inference(model: OCRNet, channels_last: bool | None = None,
+                          keep_memory: bool = True) -> OCRNet:
     """An inference copy of ``model`` (which is not modified): eval mode, parameters frozen,
     every backbone and head conv -> BatchNorm pair folded (the object-attention block excepted,
     which its fused kernel folds), the heads' 1x1 convolutions as :class:`PointwiseConv`, the
@@ -195,6 +218,10 @@ def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> O
         channels_last: run the backbone in channels_last memory format (the heads stay
             contiguous). ``None`` (default): on CPU only, where it was measured faster (see the
             module docstring); ``True`` / ``False`` force it.
+        keep_memory: for a model on the CPU, ask the C library to keep freed feature maps for
+            the next forward (:func:`ocrnet.utils.memory.keep_freed_memory`: process-wide,
+            resident memory stays at its peak; a third faster on 2 cores). ``False`` leaves
+            the allocator as it is.
 
     Returns:
         the prepared copy; ``copy(img)`` maps a normalised (B, 3, H, W) image to (B, K, H, W)
@@ -214,11 +241,15 @@ def prepare_for_inference(model: OCRNet, channels_last: bool | None = None) -> O
             return model
         raise ValueError("prepare_for_inference: model is already prepared with channels_last="
                          f"{_runs_channels_last(model)}; prepare the original model instead")
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if channels_last is None:
-        channels_last = next(model.parameters()).device.type == "cpu"
+        channels_last = on_cpu
+    if keep_memory and on_cpu:
+        keep_freed_memory()
     fast = copy.deepcopy(model).eval()
     fold_batchnorm(fast)
     _pointwise_heads(fast)
+    _winograd_heads(fast)
     for p in fast.parameters():  # after folding, which makes new parameters
         p.requires_grad_(False)
     fast.fused = True

@@ -228,4 +228,29 @@ inline void check_pixel_matmul_nt_args(const at::Tensor& a, const at::Tensor& y)
   check_pixel_matmul_dtype(op, "y", y, a);
 }
 
+// conv3x3_winograd: x (B, C, H, W), weight (O, C, 3, 3), weight_winograd (36, O, C), bias (O)
+// or none, all of one float32 / float64 dtype and device.
+inline void check_conv3x3_winograd_args(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& weight_winograd,
+                                        const c10::optional<at::Tensor>& bias) {
+  const char* op = "conv3x3_winograd";
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              op, ": weight must have shape (O, C=", x.size(1), ", 3, 3), got ", weight.sizes());
+  TORCH_CHECK(weight_winograd.dim() == 3 && weight_winograd.size(0) == 36 &&
+                  weight_winograd.size(1) == weight.size(0) &&
+                  weight_winograd.size(2) == x.size(1),
+              op, ": weight_winograd must have shape (36, O=", weight.size(0), ", C=", x.size(1),
+              "), got ", weight_winograd.sizes());
+  check_pixel_matmul_dtype(op, "x", x, x);
+  check_pixel_matmul_dtype(op, "weight", weight, x);
+  check_pixel_matmul_dtype(op, "weight_winograd", weight_winograd, x);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape (O=", weight.size(0), ",), got ", bias->sizes());
+    check_pixel_matmul_dtype(op, "bias", *bias, x);
+  }
+}
+
 }  // namespace ocrkernels
