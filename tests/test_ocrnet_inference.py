@@ -110,10 +110,24 @@ def test_prepare_runs_the_heads_1x1_convolutions_as_pixel_matmuls():
     model = _small_model()
     fast = ocrnet.prepare_for_inference(model, channels_last=False)
     pointwise = [n for n, m in fast.named_modules() if isinstance(m, PointwiseConv)]
-    # The HRNet auxiliary head's 1x1 ConvModule and classifier, the OCR head's classifier.
-    assert pointwise == ["decode_head.0.convs.0.conv", "decode_head.0.conv_seg",
+    # The HRNet auxiliary head's 1x1 ConvModule (with its ReLU) and classifier, the OCR
+    # head's classifier.
+    assert pointwise == ["decode_head.0.convs.0", "decode_head.0.conv_seg",
                          "decode_head.1.conv_seg"]
+    assert [fast.get_submodule(n).relu for n in pointwise] == [True, False, False]
     assert isinstance(fast.ocr_head.object_context_block.query_project[0].conv, nn.Conv2d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_relu_is_the_convolution_and_relu(dtype, bias):
+    conv = nn.Conv2d(37, 11, 1, bias=bias).to(dtype)
+    x = torch.randn(2, 37, 9, 13, dtype=dtype)
+    with torch.no_grad():
+        want = torch.relu(conv(x))
+        got = PointwiseConv(conv, relu=True)(x)
+    assert (got == 0).any() and (got > 0).any()
+    assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

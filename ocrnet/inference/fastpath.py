@@ -24,6 +24,8 @@ What :func:`prepare_for_inference` changes, and why it is exact in eval mode:
   the heads: oneDNN's convolutions are faster in NHWC, while the heads (the fused OCR core reads
   NCHW) are faster contiguous; the whole model is fastest with that split (the measurements are
   in docs/PERFORMANCE.md, "Measurements formerly in docstrings");
+* on CPU in channels_last, the backbone's residual blocks and conv-ReLU pairs run as oneDNN
+  convolutions with the ReLU and the residual sum fused in (:mod:`.fused_convs`);
 * on CPU, glibc keeps freed blocks for reuse (``keep_memory``,
   :func:`ocrnet.utils.memory.keep_freed_memory`): not a change to the model, but the fresh,
   zero-filled pages of every large feature map were a third of a forward's time.
@@ -47,6 +49,7 @@ from ocrkernels.winograd import WinogradConv2d, winograd_applies
 
 from ..configs.schema import IMAGENET_MEAN, IMAGENET_STD
 from ..utils.memory import keep_freed_memory
+from .fused_convs import fuse_backbone, fusion_available
 from ..models.hrnet import HRNet
 from ..models.resnet import BasicBlock, Bottleneck
 from ..models.segmentor import OCRNet
@@ -156,40 +159,64 @@ class _ChannelsLastBackbone(nn.Module):
 
 
 class PointwiseConv(nn.Module):
-    """A folded 1x1 convolution of a head (stride 1, no groups, no padding) as the
-    ``ocrkernels::pixel_matmul`` kernel where ``ocrkernels.backends`` says it runs (float32 CPU
-    maps), else as the convolution: (B, C, H, W) -> (B, O, H, W). On the CPU, on NCHW maps of
-    the heads' shapes, that kernel is 2-6x faster than the 1x1 convolution (the OCRNet
-    auxiliary head's 270 -> 270 and 270 -> K, the classifier's 512 -> K; docs/PERFORMANCE.md)."""
+    """A folded 1x1 convolution of a head (stride 1, no groups, no padding), optionally with its
+    ReLU, as the ``ocrkernels::pixel_matmul`` kernel where ``ocrkernels.backends`` says it runs
+    (float32 CPU maps), else as the convolution: (B, C, H, W) -> (B, O, H, W). On the CPU, on
+    NCHW maps of the heads' shapes, that kernel is 2-6x faster than the 1x1 convolution (the
+    OCRNet auxiliary head's 270 -> 270 and 270 -> K, the classifier's 512 -> K;
+    docs/PERFORMANCE.md). Bias and ReLU take one more pass over the product, in place (the
+    ``bn_relu_inplace`` kernel with mean 0 and scale 1 computes exactly ``relu(z + bias)``)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
         self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
         self.bias = (None if conv.bias is None
                      else nn.Parameter(conv.bias.detach().clone(), requires_grad=False))
+        self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
         if not backends.compiled_pixel_matmul(x) or backends.reference_forced():
-            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+            y = F.conv2d(x, self.weight[:, :, None, None], self.bias)
+            return F.relu(y) if self.relu else y
         b, c, h, w = x.shape
         out = torch.ops.ocrkernels.pixel_matmul(self.weight, x.reshape(b, c, h * w))
-        if self.bias is not None:
-            out = out + self.bias[:, None]
+        if self.relu and self.bias is not None:
+            zeros = torch.zeros_like(self.bias)
+            torch.ops.ocrkernels.bn_relu_inplace(out, zeros, zeros + 1, self.bias)
+        elif self.bias is not None:
+            out = out.add_(self.bias[:, None])
+        if self.relu and self.bias is None:
+            out = out.relu_()
         return out.view(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, relu={self.relu}"
 
 
 def _pointwise_heads(model: OCRNet) -> None:
-    """Replace the 1x1 convolutions of the auxiliary head and the OCR head's classifier by
-    :class:`PointwiseConv`. (The object-attention block runs its own
-    kernel; the backbone's 1x1 convolutions run channels_last, where oneDNN is fast.)"""
+    """Replace the 1x1 convolutions of the auxiliary head and the OCR head's classifier (with
+    the ReLU of their folded conv-BN-ReLU block, where they have one) by
+    :class:`PointwiseConv`. (The object-attention block runs its own kernel; the backbone's 1x1
+    convolutions run channels_last, where oneDNN is fast.)"""
+    def is_pointwise(conv: nn.Module) -> bool:
+        return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+                and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0))
+
     for head in (model.aux_head, model.ocr_head):
-        for name, conv in list(head.named_modules()):
-            if (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
-                    and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
-                    and not name.startswith("object_context_block")):
-                parent, _, attr = name.rpartition(".")
-                setattr(head.get_submodule(parent) if parent else head, attr,
-                        PointwiseConv(conv))
+        replaced: list[str] = ["object_context_block"]
+        for name, module in list(head.named_modules()):
+            if any(name.startswith(prefix + ".") or name == prefix for prefix in replaced):
+                continue
+            if (isinstance(module, ConvBNReLU) and isinstance(module.bn, nn.Identity)
+                    and is_pointwise(module.conv)):
+                replacement = PointwiseConv(module.conv, relu=True)
+            elif is_pointwise(module):
+                replacement = PointwiseConv(module)
+            else:
+                continue
+            replaced.append(name)
+            parent, _, attr = name.rpartition(".")
+            setattr(head.get_submodule(parent) if parent else head, attr, replacement)
 
 
 def _winograd_heads(model: OCRNet) -> None:
@@ -254,6 +281,8 @@ def prepare_for_inference(model: OCRNet, channels_last: bool | None = None,
         p.requires_grad_(False)
     fast.fused = True
     if channels_last:
+        if on_cpu and fusion_available():
+            fuse_backbone(fast.backbone)
         fast.backbone = _ChannelsLastBackbone(fast.backbone)
     setattr(fast, _PREPARED, True)
     return fast

@@ -1,0 +1,93 @@
+"""ocrnet.inference.fused_convs: the backbone's folded residual blocks and conv-ReLU pairs as
+oneDNN convolutions with fused ReLU and residual sum, against the modules they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ocrnet
+from conftest import rel_err
+from ocrnet.inference.fastpath import fold_batchnorm
+from ocrnet.inference.fused_convs import ConvReLU, FusedResidualBlock, fuse_backbone, \
+    fusion_available
+from ocrnet.models import build_segmentor
+from ocrnet.models.resnet import BasicBlock, Bottleneck
+
+pytestmark = pytest.mark.skipif(not fusion_available(), reason="torch without oneDNN (mkldnn)")
+CL = torch.channels_last
+
+
+def _randomise(module: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.2, generator=g)
+            m.running_mean.normal_(0, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return module.eval()
+
+
+def _downsample(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+@pytest.mark.parametrize("block", [
+    lambda: BasicBlock(8, 8),
+    lambda: BasicBlock(8, 12, stride=2, downsample=_downsample(8, 12, 2)),
+    lambda: Bottleneck(16, 4),
+    lambda: Bottleneck(8, 6, stride=2, downsample=_downsample(8, 24, 2)),
+    lambda: Bottleneck(16, 4, dilation=2),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_residual_block_is_the_block(block, layout):
+    block = _randomise(block())
+    x = torch.randn(2, block.conv1.in_channels, 13, 18)
+    with torch.no_grad():
+        want = block(x)
+        fold_batchnorm(block)
+        fused = FusedResidualBlock(block)
+        if layout == "channels_last":
+            fused = fused.to(memory_format=CL)
+            x = x.contiguous(memory_format=CL)
+        got = fused(x)
+    assert got.shape == want.shape
+    assert (got == 0).any() and (got > 0).any()
+    assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_relu_is_the_convolution(relu):
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1).eval()
+    x = torch.randn(1, 6, 11, 15)
+    with torch.no_grad():
+        want = conv(x)
+        got = ConvReLU(conv, relu)(x)
+        residual = torch.randn_like(want)
+        got_sum = ConvReLU(conv, relu)(x, residual)
+    assert rel_err(got, torch.relu(want) if relu else want) <= 1e-6
+    assert rel_err(got_sum, torch.relu(want + residual)) <= 1e-6
+
+
+def test_fuse_backbone_replaces_every_block_and_keeps_the_function():
+    model = _randomise(build_segmentor("ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", fused=False))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = model.backbone(x)
+        fold_batchnorm(model)
+        replaced = fuse_backbone(model.backbone)
+        got = model.backbone(x)
+    assert replaced > 50
+    assert not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.backbone.modules())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_the_fast_path_fuses_the_backbone_on_cpu_in_channels_last():
+    model = build_segmentor("ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", fused=False).eval()
+    fast = ocrnet.prepare_for_inference(model)
+    assert any(isinstance(m, FusedResidualBlock) for m in fast.backbone.modules())
+    plain = ocrnet.prepare_for_inference(model, channels_last=False)
+    assert not any(isinstance(m, (FusedResidualBlock, ConvReLU)) for m in plain.modules())
