@@ -43,6 +43,7 @@ from ..inference import prepare_for_inference
 from ..models import build_segmentor
 from ..models.segmentor import count_parameters
 from ..utils.flops import count_model_flops
+from ..utils.memory import keep_freed_memory
 from ..utils.timing import time_interleaved
 
 __all__ = ["DEFAULT_IMAGES", "DEFAULT_WARMUP", "bench_config", "count_flops", "peak_rss_mib",
@@ -130,7 +131,8 @@ def bench_config(config, *, fused: bool = True, shape: tuple[int, int] | None = 
         config: a config name, synthetic config name, ``config.json`` or Config.
         fused: the inference fast path (:func:`ocrnet.prepare_for_inference`: BatchNorm folded,
             fused OCR kernels, channels_last backbone on CPU); False: the model as built with
-            the plain-PyTorch OCR head, nothing folded.
+            the plain-PyTorch OCR head, nothing folded. On the CPU both run with glibc keeping
+            freed memory (:func:`ocrnet.utils.memory.keep_freed_memory`).
         shape: input (H, W); default the config's crop size.
         checkpoint: weights to load (speed does not depend on them; default mmseg's init).
 
@@ -148,6 +150,10 @@ def bench_config(config, *, fused: bool = True, shape: tuple[int, int] | None = 
     if h < 1 or w < 1:
         raise ValueError(f"bench: shape must be positive, got {h}x{w}")
     full = (1, 3, h, w)
+    if device == "cpu":
+        # What prepare_for_inference sets for the fast path, for both paths alike: otherwise
+        # --no-fused would also measure glibc's fresh pages.
+        keep_freed_memory()
     model = init_model(cfg, checkpoint, device=device, fused=False)
     params = count_parameters(model)  # before folding: the checkpoint's parameters
     if fused:
