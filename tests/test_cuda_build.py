@@ -213,7 +213,7 @@ def test_every_cuda_source_registers_under_the_cuda_key():
         assert "TORCH_LIBRARY_IMPL(ocrkernels, CUDA, m)" in text, cu.name
         assert "torch/extension.h" not in text, f"{cu.name}: keep the headers lean"
         registered |= set(re.findall(r'm\.impl\("(\w+)"', text))
-    assert len(schemas) == 13 and registered == schemas
+    assert len(schemas) == 14 and registered == schemas
 
 
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
