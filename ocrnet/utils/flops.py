@@ -22,6 +22,29 @@ from ocrkernels.flops import register_flop_formulas
 
 __all__ = ["PARTS", "count_model_flops"]
 
+_onednn_registered = False
+
+
+def _register_onednn_formulas() -> None:
+    """FLOP formulas for oneDNN's fused convolutions (``torch.ops.mkldnn._convolution_pointwise``
+    and its ``binary`` overload, which the fast path's backbone runs,
+    ``ocrnet/inference/fused_convs.py``): the convolution's count, the fused ReLU and sum not
+    counted, like the unfused modules' ReLU and sum. Once; nothing where torch lacks the ops."""
+    global _onednn_registered
+    if _onednn_registered or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    _onednn_registered = True
+
+    # One formula for the packet, which covers both overloads: default (X, W, B, ...) and
+    # binary (X, other, W, B, ...): the weight is the third argument when that is 4-d (a bias
+    # is 1-d or None).
+    @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def _(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
+        w_shape = third if third is not None and len(third) == 4 else second
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
 # The top-level parts of an OCRNet, the keys (with "total") of the counts returned here.
 PARTS = ("backbone", "aux_head", "ocr_head")
 
@@ -66,6 +89,7 @@ def count_model_flops(model: nn.Module, x: Tensor) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     register_flop_formulas()  # the fused ops count as what the reference spends on them
+    _register_onednn_formulas()
     tracked = _tracked_names(model)
     names = {part: tracked[getattr(model, part)] for part in PARTS}
     counter = FlopCounterMode(display=False)
