@@ -14,20 +14,14 @@ from ocrnet.inference.fused_convs import ConvReLU, FusedResidualBlock, fuse_back
     fusion_available
 from ocrnet.models import build_segmentor
 from ocrnet.models.resnet import BasicBlock, Bottleneck
+from test_modules import randomise_batchnorm
 
 pytestmark = pytest.mark.skipif(not fusion_available(), reason="torch without oneDNN (mkldnn)")
 CL = torch.channels_last
 
 
 def _randomise(module: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5, generator=g)
-            m.bias.data.normal_(0, 0.2, generator=g)
-            m.running_mean.normal_(0, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-    return module.eval()
+    return randomise_batchnorm(module, mean_scale=0.2, bias_scale=0.2).eval()
 
 
 def _downsample(cin, cout, stride):

@@ -173,6 +173,9 @@ class PointwiseConv(nn.Module):
         self.bias = (None if conv.bias is None
                      else nn.Parameter(conv.bias.detach().clone(), requires_grad=False))
         self.relu = relu
+        if relu and self.bias is not None:  # bn_relu_inplace's mean 0 and scale 1, made once
+            self.register_buffer("_zeros", torch.zeros_like(self.bias), persistent=False)
+            self.register_buffer("_ones", torch.ones_like(self.bias), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if not backends.compiled_pixel_matmul(x) or backends.reference_forced():
@@ -181,8 +184,7 @@ class PointwiseConv(nn.Module):
         b, c, h, w = x.shape
         out = torch.ops.ocrkernels.pixel_matmul(self.weight, x.reshape(b, c, h * w))
         if self.relu and self.bias is not None:
-            zeros = torch.zeros_like(self.bias)
-            torch.ops.ocrkernels.bn_relu_inplace(out, zeros, zeros + 1, self.bias)
+            torch.ops.ocrkernels.bn_relu_inplace(out, self._zeros, self._ones, self.bias)
         elif self.bias is not None:
             out = out.add_(self.bias[:, None])
         if self.relu and self.bias is None:
