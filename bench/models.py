@@ -1,8 +1,12 @@
 """Whole-model CPU inference: the fast path against the eager unfused path of the same weights.
 
-For every model of ``--models`` (Cityscapes configs, mmseg's random initialisation with seeded
-random BatchNorm parameters and calibrated statistics, so that folding is not a no-op) and
-float32 inputs of 1x3x512x1024 (1x3x256x512 with ``--quick``):
+For every model of ``--models`` (Cityscapes configs) and float32 inputs of 1x3x512x1024
+(1x3x256x512 with ``--quick``). Weights: ``--checkpoint`` when given (one model); else, for
+hr18s, the checkpoint of the mmsegmentation fixture (``../shared/fixtures/mmseg_ocrnet_hr18s``,
+made by mmsegmentation 1.2.2 itself) with its input image, when that folder lies beside the
+repository; else mmseg's random initialisation with seeded random BatchNorm parameters and
+calibrated statistics (so that folding is not a no-op) and a random input. The header says
+which:
 
 * ``eager``: the model as built, eval mode, ``fused=False`` (plain-PyTorch OCR core), no
   BatchNorm folding, contiguous tensors (``ocrnet bench CONFIG --no-fused``);
@@ -47,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +70,11 @@ from ocrnet.utils.memory import keep_freed_memory
 from peers import PEERS, PeerUnavailable, build_peer  # bench/peers.py
 from report import cpu_name, run_lines  # bench/report.py: the header lines bench/run.py prints too
 
+# The mmsegmentation fixture beside the repository (README of ../shared/fixtures): hr18s
+# weights written by mmsegmentation itself, and the normalised image they were run on.
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mmseg_ocrnet_hr18s"
+FIXTURE_WEIGHTS = {"hr18s": (FIXTURE / "ocrnet_hr18s_cityscapes_randinit.pth",
+                             FIXTURE / "input_1x3x512x1024.npy")}
 MODELS = {
     "hr18s": "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024",
     "hr18": "ocrnet_hr18_4xb2-40k_cityscapes-512x1024",
@@ -75,6 +85,8 @@ SHAPE = (1, 3, 512, 1024)
 QUICK_SHAPE = (1, 3, 256, 512)
 # Peer name -> its version line (or why it was skipped), for the header.
 PEER_VERSIONS: dict[str, str] = {}
+# Model key -> where its weights and input came from, for the header.
+WEIGHTS_USED: dict[str, str] = {}
 
 
 def log(msg: str) -> None:
@@ -111,17 +123,41 @@ def calibrate_batchnorm(model: nn.Module, generator: torch.Generator,
         model.train(training)
 
 
-def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images: int,
-                seed: int = 0, peers: tuple[str, ...] = (), parts: bool = False) -> list[dict]:
-    """The rows of one model: eager, fast, then every peer of ``peers`` that can run here
-    (one that cannot is logged with its reason and left out)."""
+def build_eager(key: str, shape: tuple[int, int, int, int], seed: int = 0,
+                checkpoint: Path | None = None) -> tuple[nn.Module, torch.Tensor, str]:
+    """The eval-mode unfused model of ``key``, its input image and a line saying where both
+    came from: ``checkpoint`` if given, else the fixture's weights and image where
+    :data:`FIXTURE_WEIGHTS` has them (the image only at its own shape), else the calibrated
+    random init and a random image."""
     name = MODELS[key]
+    img = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    if checkpoint is None and key in FIXTURE_WEIGHTS and FIXTURE_WEIGHTS[key][0].is_file():
+        checkpoint, image_file = FIXTURE_WEIGHTS[key]
+        fixture_img = torch.from_numpy(np.load(image_file))
+        model = ocrnet.init_model(name, checkpoint, fused=False)
+        if tuple(fixture_img.shape) == shape:
+            return model, fixture_img, f"mmsegmentation fixture {checkpoint.name} and its image"
+        return (model, img, f"mmsegmentation fixture {checkpoint.name}; random input (seed "
+                            f"{seed + 1}: the fixture's image is {tuple(fixture_img.shape)})")
+    if checkpoint is not None:
+        return (ocrnet.init_model(name, checkpoint, fused=False), img,
+                f"{checkpoint.name}; random input (seed {seed + 1})")
     torch.manual_seed(seed)
     eager = build_segmentor(name, fused=False)
     calibrate_batchnorm(eager, torch.Generator().manual_seed(seed))
-    eager.eval()
+    return (eager.eval(), img, f"mmseg random init, BatchNorm affine randomised and statistics "
+                               f"calibrated on a random image (seed {seed}); random input")
+
+
+def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images: int,
+                seed: int = 0, peers: tuple[str, ...] = (), parts: bool = False,
+                checkpoint: Path | None = None) -> list[dict]:
+    """The rows of one model: eager, fast, then every peer of ``peers`` that can run here
+    (one that cannot is logged with its reason and left out)."""
+    name = MODELS[key]
+    eager, img, WEIGHTS_USED[key] = build_eager(key, shape, seed, checkpoint)
+    log(f"{key}: weights: {WEIGHTS_USED[key]}")
     fast = ocrnet.prepare_for_inference(eager)
-    img = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
     flops = count_flops(name, shape)
     params = count_parameters(eager)
     paths = {"eager": eager, "fast": fast}
@@ -258,8 +294,8 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
         f"- torch {torch.__version__}; device: cpu ({cpu_name()}); threads: "
         f"{torch.get_num_threads()}; logical CPUs: {os.cpu_count()}",
         *run_lines(started),
-        f"- input: {'x'.join(map(str, shape))} float32, random; weights: mmseg random init, "
-        "BatchNorm affine randomised and statistics calibrated on a random image (seed 0)",
+        f"- input: {'x'.join(map(str, shape))} float32; weights and image: "
+        + "; ".join(f"{k}: {v}" for k, v in WEIGHTS_USED.items()),
         f"- timing: batch 1, {args.warmup} warm-up then {args.images} timed forwards per "
         "path, the paths alternating image by image; fps = images / summed forward time; "
         "vs eager = this fps / eager fps",
@@ -323,8 +359,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", action="store_true",
                    help="after the timing, the median time of each part (backbone, aux head, "
                         "3x3 bottleneck, gather, attention, classifier) of eager and fast")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="weights to load (mmsegmentation or ocrnet format; one model only); "
+                        "default: the mmseg fixture for hr18s where ../shared has it, else a "
+                        "calibrated random init")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = p.parse_args(argv)
+    if args.checkpoint is not None:
+        if len(args.models) != 1:
+            p.error("--checkpoint needs exactly one model in --models")
+        if not args.checkpoint.is_file():
+            p.error(f"--checkpoint {args.checkpoint}: no such file")
     if args.images < 1 or args.warmup < 0:
         p.error("--images must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
@@ -341,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for key in args.models:
         rows += bench_model(key, shape, args.warmup, args.images, peers=tuple(args.peers),
-                            parts=args.parts)
+                            parts=args.parts, checkpoint=args.checkpoint)
         if args.json:  # after every model, so an interrupted run keeps what it measured
             write_json_atomic(args.json, rows)
     print(header(args, shape, started, rows))

@@ -3,6 +3,9 @@ oneDNN convolutions with fused ReLU and residual sum, against the modules they r
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -75,6 +78,8 @@ def test_fuse_backbone_replaces_every_block_and_keeps_the_function():
         got = model.backbone(x)
     assert replaced > 50
     assert not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.backbone.modules())
+    # Every convolution, the fuse layers' (conv, folded BN, Upsample) included, runs fused.
+    assert not any(isinstance(m, nn.Conv2d) for m in model.backbone.modules())
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-5
 
@@ -85,3 +90,54 @@ def test_the_fast_path_fuses_the_backbone_on_cpu_in_channels_last():
     assert any(isinstance(m, FusedResidualBlock) for m in fast.backbone.modules())
     plain = ocrnet.prepare_for_inference(model, channels_last=False)
     assert not any(isinstance(m, (FusedResidualBlock, ConvReLU)) for m in plain.modules())
+
+
+def _channels_last_conv_relu():
+    conv = nn.Conv2d(12, 20, 3, padding=1).eval()
+    return conv, ConvReLU(conv, relu=True).to(memory_format=CL)
+
+
+def test_prepacked_weights_give_the_plain_weights_bits_per_shape():
+    conv, fused = _channels_last_conv_relu()
+    xs = [torch.randn(1, 12, h, w).contiguous(memory_format=CL) for h, w in ((9, 14), (16, 5))]
+    with torch.no_grad():
+        for x in xs:
+            plain = torch.ops.mkldnn._convolution_pointwise(
+                x, fused.weight, fused.bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+            assert torch.equal(fused(x), plain)
+            assert rel_err(fused(x), torch.relu(conv(x))) <= 1e-6
+    assert len(fused._packed) == 2  # one prepacked weight per input shape
+
+
+def test_prepacked_weights_follow_weight_changes_copies_and_gradients():
+    conv, fused = _channels_last_conv_relu()
+    x = torch.randn(2, 12, 7, 10).contiguous(memory_format=CL)
+    with torch.no_grad():
+        fused(x)
+        assert len(fused._packed) == 1
+        for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert clone._packed == {}
+            assert torch.equal(clone(x), fused(x))
+        fused.weight.mul_(-1)  # in place: the cached packing is stale
+        conv.weight.mul_(-1)
+        assert rel_err(fused(x), torch.relu(conv(x))) <= 1e-6
+        fused.double()
+        assert fused._packed == {}
+        fused.float()
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv_relu_differentiates_like_the_convolution(with_residual):
+    """oneDNN's fused op has no derivative; with autograd the plain convolution runs."""
+    conv, fused = _channels_last_conv_relu()
+    x = torch.randn(2, 12, 7, 10).contiguous(memory_format=CL).requires_grad_()
+    residual = torch.randn(2, 20, 7, 10, requires_grad=True) if with_residual else None
+    got = fused(x, residual)
+    got_grads = torch.autograd.grad(got.square().sum(), [x] + ([residual] if with_residual else []))
+    z = conv(x) + residual if with_residual else conv(x)
+    want = torch.relu(z)
+    want_grads = torch.autograd.grad(want.square().sum(),
+                                     [x] + ([residual] if with_residual else []))
+    assert rel_err(got, want) <= 1e-6
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= 1e-5

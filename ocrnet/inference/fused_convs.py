@@ -7,23 +7,30 @@ folding:
 
 * a residual block's (``BasicBlock``, ``Bottleneck``) convolutions run as :class:`ConvReLU`,
   its last one adding the shortcut and applying the ReLU in the convolution's epilogue;
-* ``conv -> Identity (folded BN) -> ReLU`` sequences (HRNet's transitions and fuse layers)
-  and HRNet's stem become one :class:`ConvReLU`.
+* ``conv -> Identity (folded BN) [-> ReLU]`` runs in Sequentials (HRNet's transitions and
+  fuse layers) and HRNet's stem become one :class:`ConvReLU` each.
 
 The same function as the modules they replace, up to fp32 rounding (the sum is added after the
-convolution's bias, as before). On the 2-core machines of docs/PERFORMANCE.md a 64 -> 256 1x1
+convolution's bias, as before). The weights are prepacked into oneDNN's blocked layout once per
+input shape, as inductor's freezing does. On the 2-core machines of docs/PERFORMANCE.md a 64 -> 256 1x1
 convolution plus sum plus ReLU at 128x256 took 9.6 ms unfused and 5.4 ms fused.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.hrnet import HRNet
 from ..models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["ConvReLU", "FusedResidualBlock", "fuse_backbone", "fusion_available"]
+__all__ = ["ConvReLU", "FusedResidualBlock", "MAX_PACKED", "fuse_backbone", "fusion_available"]
+
+# Input shapes per ConvReLU whose prepacked weights are kept (one per image size in use).
+MAX_PACKED = 4
+# oneDNN's weight prepacking, where this torch has it.
+_PREPACK = hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 
 
 def fusion_available() -> bool:
@@ -47,14 +54,54 @@ class ConvReLU(nn.Module):
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.relu = relu
+        # (input shape, dtype, weight version) -> the weight in oneDNN's blocked layout for
+        # that input: see _weight_for.
+        self._packed: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
+                residual is not None and residual.requires_grad)):
+            # oneDNN's fused op has no derivative: autograd would silently drop the gradient.
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+            if residual is not None:
+                return F.relu(y + residual)
+            return F.relu(y) if self.relu else y
         args = (self.padding, self.stride, self.dilation, self.groups)
+        weight = self._weight_for(x)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, *args, "relu" if self.relu else "none", [], "")
+                x, weight, self.bias, *args, "relu" if self.relu else "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, self.weight, self.bias, *args, "add", None, "relu", [], "")
+            x, residual, weight, self.bias, *args, "add", None, "relu", [], "")
+
+    def _weight_for(self, x: Tensor) -> Tensor:
+        """The weight prepacked by oneDNN for inputs of ``x``'s shape (what inductor's freezing
+        does): the same products, bit for bit, without reordering the weight on every call
+        (4-15% of these convolutions' time at HRNet's widths, docs/PERFORMANCE.md). Packed on
+        the first call of each shape (at most :data:`MAX_PACKED` kept); the plain weight under
+        tracing and off the CPU."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not _PREPACK:
+            return self.weight
+        key = (tuple(x.shape), x.dtype, self.weight._version)
+        packed = self._packed.get(key)
+        if packed is None:
+            if len(self._packed) >= MAX_PACKED:
+                self._packed.clear()
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups,
+                list(x.shape))
+            self._packed[key] = packed
+        return packed
+
+    def _apply(self, fn, recurse=True):
+        self._packed.clear()  # moved or cast: the packed copies are stale
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = {}  # oneDNN tensors neither pickle nor deep-copy; repacked on use
+        return state
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
@@ -92,10 +139,22 @@ def _folded_conv(seq: nn.Module) -> nn.Conv2d:
     return mods[0]
 
 
-def _conv_relu_sequence(seq: nn.Module) -> bool:
-    mods = list(seq.children()) if isinstance(seq, nn.Sequential) else []
-    return (len(mods) == 3 and isinstance(mods[0], nn.Conv2d) and isinstance(mods[1], nn.Identity)
-            and isinstance(mods[2], nn.ReLU))
+def _fuse_sequential(seq: nn.Sequential) -> int:
+    """In a folded Sequential, each ``conv -> Identity (folded BN) [-> ReLU]`` run becomes
+    ``ConvReLU -> Identity [-> Identity]`` in place (HRNet's transitions and fuse layers, the
+    latter ending in an Upsample). Returns the number of convolutions replaced."""
+    mods = list(seq.children())
+    names = list(seq._modules)
+    count = 0
+    for k, (conv, nxt) in enumerate(zip(mods, mods[1:])):
+        if (isinstance(conv, nn.Conv2d) and isinstance(nxt, nn.Identity)
+                and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"):
+            relu = k + 2 < len(mods) and isinstance(mods[k + 2], nn.ReLU)
+            setattr(seq, names[k], ConvReLU(conv, relu=relu))
+            if relu:
+                setattr(seq, names[k + 2], nn.Identity())
+            count += 1
+    return count
 
 
 def fuse_backbone(backbone: nn.Module) -> int:
@@ -119,9 +178,8 @@ def fuse_backbone(backbone: nn.Module) -> int:
             if isinstance(child, (BasicBlock, Bottleneck)):
                 setattr(module, name, FusedResidualBlock(child))
                 count += 1
-            elif _conv_relu_sequence(child):
-                setattr(module, name, ConvReLU(child[0], relu=True))
-                count += 1
             else:
+                if isinstance(child, nn.Sequential):
+                    count += _fuse_sequential(child)
                 stack.append(child)
     return count
