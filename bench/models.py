@@ -194,6 +194,7 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
         t = timing[path]
         rows.append({
             "model": key, "config": name, "path": path, "shape": list(shape),
+            "weights": WEIGHTS_USED[key],
             "fps": t["fps"], "seconds": t["seconds"], "median_s": t["median_s"],
             "speedup_vs_eager": t["fps"] / timing["eager"]["fps"],
             "speedup_vs_best_peer": t["fps"] / max(peer_fps) if peer_fps else None,

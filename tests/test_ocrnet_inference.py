@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, rel_err, shared_path
+from conftest import REPO, SHARED, rel_err, shared_path
 from test_modules import randomise_batchnorm
 from torch import nn
 
@@ -289,3 +289,9 @@ def test_models_bench_smoke(tmp_path):
         assert r["params_m"] == pytest.approx(6.378496)
     assert rows[1]["speedup_vs_eager"] == pytest.approx(rows[1]["fps"] / rows[0]["fps"])
     assert rows[1]["rel_err_vs_eager"] <= TOL
+    # hr18s runs the mmsegmentation fixture's weights where ../shared has them (always in CI).
+    fixture = (SHARED / "fixtures" / "mmseg_ocrnet_hr18s" /
+               "ocrnet_hr18s_cityscapes_randinit.pth").is_file()
+    expected = "mmsegmentation fixture" if fixture else "mmseg random init"
+    assert all(r["weights"].startswith(expected) for r in rows), rows[0]["weights"]
+    assert f"weights and image: hr18s: {expected}" in proc.stdout
