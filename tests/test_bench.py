@@ -56,3 +56,21 @@ def test_quick_bench_object_attention_eval_and_training(tmp_path):
     saved = {r["impl"]: r["saved_bytes"] for r in rows if r["mode"] == "fwd+bwd"}
     assert 0 < 8 * saved["cpu-recompute"] <= saved["reference"]
     assert saved["cpu-recompute"] < saved["cpu"] < saved["reference"]
+
+
+def test_dtype_rates_reports_both_dtypes_for_every_case():
+    """bench/dtype_rates.py: one row per case, with positive fp32 and bf16 rates and their
+    ratio (the figures that tell whether a bf16 mode pays on this CPU)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dtype_rates.py"), "--repeat", "1",
+         "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    sys.path.insert(0, str(REPO / "bench"))
+    from dtype_rates import CONVS
+    assert len(rows) == len(CONVS) + 1
+    for case, fp32, bf16, ratio, _impl in rows:
+        assert float(fp32) > 0 and float(bf16) > 0, case
+        assert float(ratio) == pytest.approx(float(bf16) / float(fp32), rel=0.1, abs=0.02), case
+    assert "bf16 flags:" in proc.stdout

@@ -366,3 +366,23 @@ def test_synthetic_config_numbers_match_the_models_and_the_data():
 
     assert SYNTHETIC_NUM_CLASSES == len(SYNTHETIC_CLASSES)
     assert HRNET_BASE_WIDTH == {arch: hrnet_width(arch) for arch in HRNET_ARCHS}
+
+
+def test_hrnet_fuse_sums_in_place_without_autograd_give_the_same_bits():
+    """HRModule's fuse layers add in place when autograd is off: the same sums in the same
+    order (bit for bit), the branch outputs the other rows read left as they were."""
+    from ocrnet.models.hrnet import HRModule
+    from ocrnet.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    module = HRModule(BasicBlock, (1, 1, 1), [4, 8, 16], (4, 8, 16)).eval()
+    xs = [torch.randn(2, c, 17 // s + 1, 23 // s + 1) for c, s in ((4, 1), (8, 2), (16, 4))]
+    kept = [x.clone() for x in xs]
+    with torch.enable_grad():
+        want = module([x.requires_grad_() for x in [x.clone() for x in xs]])
+    with torch.no_grad():
+        got = module(xs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.detach())
+        assert (g == 0).any() and (g > 0).any()
+    for x, k in zip(xs, kept):
+        assert torch.equal(x, k)

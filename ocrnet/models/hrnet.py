@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -155,8 +156,12 @@ class HRModule(nn.Module):
         if self.fuse_layers is None:
             return xs
         outs = []
+        # Without autograd the sum accumulates in place into a map this loop made (never into a
+        # branch output, which the other rows read): the same additions in the same order, one
+        # map fewer per term.
+        in_place = not torch.is_grad_enabled()
         for i, row in enumerate(self.fuse_layers):
-            y = None
+            y, owned = None, False
             # Summed in branch order j = 0, 1, ... as mmseg does (same rounding).
             for j, x in enumerate(xs):
                 if j == i:
@@ -168,8 +173,13 @@ class HRModule(nn.Module):
                         # resizes to the exact size of branch i.
                         t = F.interpolate(t, size=xs[i].shape[-2:], mode="bilinear",
                                           align_corners=False)
-                y = t if y is None else y + t
-            outs.append(self.relu(y))
+                if y is None:
+                    y, owned = t, t is not x
+                elif in_place and owned:
+                    y.add_(t)
+                else:
+                    y, owned = y + t, True
+            outs.append(y.relu_() if in_place and owned else self.relu(y))
         return outs
 
 
