@@ -17,8 +17,10 @@ The environment variable ``OCRKERNELS_BACKEND`` replaces ``auto`` (an explicit `
 argument other than ``auto`` always wins). Asking for a backend that is not available raises
 a :class:`RuntimeError` that says why.
 
-Meta tensors (shape inference without data) carry no numbers, so every backend name resolves
-to ``reference`` on them: the same output shapes and dtypes, whatever backend the real call
+While ``torch.onnx.export`` runs (either exporter), every backend name resolves to
+``reference`` too: the exported file holds standard ONNX operators that compute the
+reference's function, and runs in any ONNX runtime. Meta tensors (shape inference without
+data) carry no numbers, so every backend name resolves to ``reference`` on them: the same output shapes and dtypes, whatever backend the real call
 would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
 dispatch, through the ops' registered fake implementations.
 
@@ -38,7 +40,7 @@ from torch import Tensor
 from ._extension import (cuda_kernels_error, extension_error, extension_loaded, has_kernel,
                          kernel_keys)
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "unavailable_reason", "reference_forced",
+__all__ = ["BACKENDS", "BACKEND_ENV", "unavailable_reason", "exporting_onnx", "reference_forced",
            "available_backends", "resolve_backend", "compiled_pixel_matmul", "compiled_bn_relu",
            "compiled_var_mean"]
 
@@ -71,9 +73,18 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def exporting_onnx() -> bool:
+    """True while ``torch.onnx.export`` traces the model (the TorchScript exporter and the
+    ``dynamo=True`` one alike)."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def reference_forced() -> bool:
-    """True when ``OCRKERNELS_BACKEND=reference`` asks for the plain-PyTorch path everywhere."""
-    return os.environ.get(BACKEND_ENV) == "reference"
+    """True when ``OCRKERNELS_BACKEND=reference`` asks for the plain-PyTorch path everywhere,
+    and while ``torch.onnx.export`` runs: ONNX has no operator for our kernels, while the
+    reference is made of standard ops that both exporters translate (the ONNX file computes the
+    reference's function; ``torch.export.export`` keeps the ``ocrkernels`` ops)."""
+    return os.environ.get(BACKEND_ENV) == "reference" or exporting_onnx()
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -91,7 +102,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
-    if device.type == "meta":
+    if device.type == "meta" or exporting_onnx():
         return "reference"
     if backend == "auto":
         return available_backends(device)[0]

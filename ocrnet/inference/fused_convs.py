@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ocrkernels import backends
+
 from ..models.hrnet import HRNet
 from ..models.resnet import BasicBlock, Bottleneck
 
@@ -59,9 +61,11 @@ class ConvReLU(nn.Module):
         self._packed: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or (
-                residual is not None and residual.requires_grad)):
-            # oneDNN's fused op has no derivative: autograd would silently drop the gradient.
+        if backends.exporting_onnx() or torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad
+                or (residual is not None and residual.requires_grad)):
+            # oneDNN's fused op has no derivative (autograd would silently drop the gradient)
+            # and no ONNX translation.
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                          self.groups)
             if residual is not None:

@@ -101,7 +101,9 @@ class Upsample(nn.Module):
         self.scale_factor = scale_factor
 
     def forward(self, x: Tensor) -> Tensor:
-        size = [int(s * self.scale_factor) for s in x.shape[-2:]]
+        # An integer factor: the product is exact, and stays symbolic under torch.export
+        # (int() of a symbolic size would bake the traced image's size into the graph).
+        size = [s * self.scale_factor for s in x.shape[-2:]]
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:

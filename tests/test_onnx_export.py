@@ -1,0 +1,157 @@
+"""ONNX export of models that hold the fused OCR kernels: while ``torch.onnx.export`` runs, every
+``ocrkernels`` op and fast-path module takes its plain-PyTorch path (standard ONNX operators),
+so the file runs in ONNX Runtime and gives PyTorch's numbers, with either exporter."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err, shared_path
+from torch import nn
+
+import ocrnet
+from ocrkernels import OCRHead, backends
+from ocrnet.configs import SYNTHETIC_CONFIGS
+from ocrnet.models import build_segmentor
+from test_modules import randomise_batchnorm
+
+TINY = "ocrnet_hrtiny8_1xb4-20_synthetic-32x64"
+TOL = 1e-4
+
+
+def _need_onnx_runtime():
+    """ONNX Runtime and onnxscript are test dependencies (make setup installs them): in CI
+    their absence fails; in a user's environment without them the tests skip."""
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{', '.join(missing)} missing: CI installs them with make setup")
+        pytest.skip(f"{', '.join(missing)} not installed (pip install onnxruntime onnxscript)")
+
+
+def _export(model: nn.Module, args: tuple, path, dynamo: bool, **kwargs) -> None:
+    with torch.no_grad():
+        if dynamo:
+            torch.onnx.export(model, args, str(path), dynamo=True, verbose=False, **kwargs)
+        else:
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, **kwargs)
+
+
+def _run(path, *inputs: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0]
+    return torch.from_numpy(np.asarray(out))
+
+
+def _ops_in(path) -> set[str]:
+    import onnx
+
+    return {f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+            for n in onnx.load(str(path)).graph.node}
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_segmentor(SYNTHETIC_CONFIGS[TINY], fused=True)
+    return randomise_batchnorm(model, mean_scale=0.2, bias_scale=0.2).eval()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("fast_path", [False, True], ids=["fused", "fast_path"])
+def test_fused_ocrnet_exports_and_matches_in_onnx_runtime(tmp_path, dynamo, fast_path):
+    _need_onnx_runtime()
+    model = _tiny_model()
+    if fast_path:
+        model = ocrnet.prepare_for_inference(model)
+    img = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(img)
+    path = tmp_path / "model.onnx"
+    _export(model, (img,), path, dynamo)
+    ops = _ops_in(path)
+    assert not any(op.startswith(("ocrkernels", "mkldnn")) for op in ops), ops
+    assert "Softmax" in ops or "Exp" in ops  # the gather's and the attention's softmaxes
+    got = _run(path, img)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= TOL
+    # Exporting left the model on its kernels.
+    assert not backends.exporting_onnx()
+    with torch.no_grad():
+        assert torch.equal(model(img), want)
+
+
+class _ForeignSegmenter(nn.Module):
+    """A user's model: its own stem and coarse classifier, our drop-in head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.coarse = nn.Conv2d(24, 5, 1)
+        self.head = OCRHead(24, 5, channels=32, ocr_channels=16, fused=True)
+
+    def forward(self, x):
+        feats = self.stem(x)
+        return self.head(feats, self.coarse(feats))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_foreign_model_with_the_drop_in_head_exports(tmp_path, dynamo):
+    _need_onnx_runtime()
+    torch.manual_seed(0)
+    model = randomise_batchnorm(_ForeignSegmenter(), mean_scale=0.2, bias_scale=0.2).eval()
+    x = torch.randn(2, 3, 13, 17)
+    with torch.no_grad():
+        want = model(x)
+        model.head.fused = False
+        reference = model(x)
+        model.head.fused = True
+    assert rel_err(want, reference) <= 1e-5
+    path = tmp_path / "foreign.onnx"
+    _export(model, (x,), path, dynamo)
+    assert rel_err(_run(path, x), want) <= TOL
+
+
+def test_dynamic_height_and_width(tmp_path):
+    _need_onnx_runtime()
+    model = ocrnet.prepare_for_inference(_tiny_model())
+    img = torch.randn(2, 3, 64, 96)
+    # Multiples of 32 (the backbone's stride), batch, height and width free.
+    batch = torch.export.Dim("batch", min=1, max=8)
+    h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=64)
+    path = tmp_path / "dynamic.onnx"
+    _export(model, (img,), path, dynamo=True,
+            dynamic_shapes={"img": {0: batch, 2: 32 * h, 3: 32 * w}})
+    other = torch.randn(3, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(other)
+    got = _run(path, other)
+    assert got.shape == (3, want.shape[1], 96, 160)
+    assert rel_err(got, want) <= TOL
+
+
+def test_mmseg_fixture_exports_to_mmsegs_logits(tmp_path):
+    """The published hr18s, from mmsegmentation's own checkpoint, on its fast path, exported
+    and run in ONNX Runtime: mmsegmentation's logits for the fixture image."""
+    _need_onnx_runtime()
+    folder = shared_path("fixtures", "mmseg_ocrnet_hr18s")
+    model = ocrnet.init_model("ocrnet_hr18s_4xb2-40k_cityscapes-512x1024",
+                              folder / "ocrnet_hr18s_cityscapes_randinit.pth")
+    fast = ocrnet.prepare_for_inference(model)
+    img = torch.from_numpy(np.load(folder / "input_1x3x512x1024.npy"))
+    path = tmp_path / "hr18s.onnx"
+    _export(fast, (img,), path, dynamo=True)
+    got = _run(path, img)
+    coarse = torch.from_numpy(np.load(folder / "ocr_logits_1x19x128x256.npy"))
+    want = torch.nn.functional.interpolate(coarse, size=(512, 1024), mode="bilinear",
+                                           align_corners=False)
+    assert rel_err(got, want) <= TOL
