@@ -139,19 +139,66 @@ def test_dynamic_height_and_width(tmp_path):
     assert rel_err(got, want) <= TOL
 
 
-def test_mmseg_fixture_exports_to_mmsegs_logits(tmp_path):
-    """The published hr18s, from mmsegmentation's own checkpoint, on its fast path, exported
-    and run in ONNX Runtime: mmsegmentation's logits for the fixture image."""
+def _cli(*args: str) -> tuple[int, str]:
+    from ocrnet.cli import main
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["export", *args])
+    return code, err.getvalue()
+
+
+def test_export_command_on_the_mmseg_fixture_gives_mmsegs_logits(tmp_path):
+    """`ocrnet export` of mmsegmentation's own hr18s checkpoint: ONNX Runtime's logits for the
+    fixture image are mmsegmentation's."""
     _need_onnx_runtime()
     folder = shared_path("fixtures", "mmseg_ocrnet_hr18s")
-    model = ocrnet.init_model("ocrnet_hr18s_4xb2-40k_cityscapes-512x1024",
-                              folder / "ocrnet_hr18s_cityscapes_randinit.pth")
-    fast = ocrnet.prepare_for_inference(model)
+    out = tmp_path / "hr18s.onnx"
+    code, err = _cli(str(folder / "ocrnet_hr18s_cityscapes_randinit.pth"), "--config",
+                     "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", "--out", str(out))
+    assert code == 0, err
+    assert "ONNX Runtime vs PyTorch at (1, 3, 512, 1024): relative error" in err
     img = torch.from_numpy(np.load(folder / "input_1x3x512x1024.npy"))
-    path = tmp_path / "hr18s.onnx"
-    _export(fast, (img,), path, dynamo=True)
-    got = _run(path, img)
+    got = _run(out, img)
     coarse = torch.from_numpy(np.load(folder / "ocr_logits_1x19x128x256.npy"))
     want = torch.nn.functional.interpolate(coarse, size=(512, 1024), mode="bilinear",
                                            align_corners=False)
     assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("output", ["softmax", "argmax"])
+def test_export_command_outputs(tmp_path, output):
+    _need_onnx_runtime()
+    out = tmp_path / f"{output}.onnx"
+    code, err = _cli(TINY, "--out", str(out), "--shape", "32", "64", "--output", output,
+                     "--exporter", "torchscript")
+    assert code == 0, err
+    assert "has random weights" in err
+    img = torch.randn(1, 3, 32, 64)
+    got = _run(out, img)
+    if output == "softmax":
+        assert got.shape == (1, SYNTHETIC_CONFIGS[TINY].model.num_classes, 32, 64)
+        assert torch.allclose(got.sum(1), torch.ones(1, 32, 64), atol=1e-5)
+    else:
+        assert got.shape == (1, 32, 64) and got.dtype == torch.int64
+
+
+def test_export_command_refuses_bad_input_and_keeps_the_old_file(tmp_path):
+    _need_onnx_runtime()
+    old = tmp_path / "model.onnx"
+    old.write_bytes(b"the user's file")
+    for args, message in [
+        (["--out", str(tmp_path / "missing" / "m.onnx")], "does not exist"),
+        (["--out", str(tmp_path / "m.txt")], "must name a .onnx file"),
+        (["--out", str(old), "--dynamic", "--shape", "50", "64"], "multiples of 32"),
+        (["--out", str(old), "--dynamic", "--exporter", "torchscript", "--shape", "64", "64"],
+         "dynamo exporter"),
+    ]:
+        code, err = _cli(TINY, *args)
+        assert code == 1
+        assert err.strip().splitlines()[-1].startswith("ocrnet export: error:")
+        assert message in err
+    assert old.read_bytes() == b"the user's file"

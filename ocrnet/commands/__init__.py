@@ -14,6 +14,7 @@ HELP = {
     "test": "evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun)",
     "infer": "segment images: colourised masks and overlays as PNG",
     "bench": "fps (batch 1), FLOPs, parameters and peak memory of a config",
+    "export": "export a model as ONNX for deployment (checked in ONNX Runtime)",
     "demo": "train a small OCRNet on the synthetic set on the CPU and evaluate it",
 }
 

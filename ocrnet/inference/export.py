@@ -1,0 +1,150 @@
+"""ONNX export of an OCRNet for deployment: :func:`export_onnx`, behind ``ocrnet export``.
+
+The exported graph takes the normalised float32 (N, 3, H, W) image, as ``model(img)`` takes it
+(mean/std of :func:`ocrnet.normalise` already applied), and gives, at the input's resolution:
+
+* ``logits``: (N, K, H, W) float32 class scores;
+* ``softmax``: (N, K, H, W) float32 class probabilities;
+* ``argmax``: (N, H, W) int64 class ids.
+
+The model is the inference copy of :func:`ocrnet.prepare_for_inference` (BatchNorm folded). While
+``torch.onnx.export`` runs, every ``ocrkernels`` op takes its plain-PyTorch path
+(:func:`ocrkernels.backends.exporting_onnx`), so the file holds standard ONNX operators only and
+runs in any ONNX runtime. With ``dynamic``, batch, height and width are free (height and width
+multiples of :data:`SIZE_MULTIPLE`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..models.segmentor import OCRNet
+from ..utils.fileio import write_bytes_atomic
+from .fastpath import prepare_for_inference
+
+__all__ = ["OUTPUTS", "SIZE_MULTIPLE", "ExportedOCRNet", "check_with_onnxruntime",
+           "export_onnx", "onnx_bytes"]
+
+OUTPUTS = ("logits", "softmax", "argmax")
+# Height and width of a dynamic export: multiples of the backbone's largest stride (HRNet's
+# fourth branch; ResNet-D8 needs 8), where every resize is exact and no size is baked in.
+SIZE_MULTIPLE = 32
+OPSET = 18
+
+
+class ExportedOCRNet(nn.Module):
+    """``model`` followed by the chosen output: (N, 3, H, W) -> logits, softmax or argmax."""
+
+    def __init__(self, model: nn.Module, output: str = "logits"):
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"export: output must be one of {', '.join(OUTPUTS)}, got "
+                             f"{output!r}")
+        self.model = model
+        self.output = output
+
+    def forward(self, img: Tensor) -> Tensor:
+        logits = self.model(img)
+        if self.output == "softmax":
+            return logits.softmax(dim=1)
+        if self.output == "argmax":
+            return logits.argmax(dim=1)
+        return logits
+
+
+def export_onnx(model: OCRNet, path: str | os.PathLike, shape: tuple[int, int], *,
+                dynamic: bool = False, output: str = "logits", exporter: str = "dynamo"
+                ) -> ExportedOCRNet:
+    """Write ``model`` as ONNX to ``path`` (its folder must exist), atomically: the file of
+    :func:`onnx_bytes` (same arguments). Returns the exported module."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export: folder {str(folder)!r} does not exist")
+    data, wrapped = onnx_bytes(model, shape, dynamic=dynamic, output=output, exporter=exporter)
+    write_bytes_atomic(path, data)
+    return wrapped
+
+
+def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
+               output: str = "logits", exporter: str = "dynamo"
+               ) -> tuple[bytes, ExportedOCRNet]:
+    """``model`` (eval mode, any device; exported on the CPU) as a serialised ONNX model.
+
+    Args:
+        model: an :class:`~ocrnet.models.segmentor.OCRNet` (its weights are not modified).
+        shape: (H, W) of the example image; with ``dynamic`` any multiple of
+            :data:`SIZE_MULTIPLE` (both), else the one size the file takes.
+        dynamic: free batch, height and width (``dynamo`` exporter only).
+        output: ``logits``, ``softmax`` or ``argmax`` (see the module docstring).
+        exporter: ``dynamo`` (``torch.onnx.export(dynamo=True)``, through onnxscript) or
+            ``torchscript`` (the older exporter); opset :data:`OPSET`.
+
+    Returns:
+        (the ONNX model's bytes, the exported module: the prepared model and its output, on the
+        CPU, for comparisons).
+    """
+    if not isinstance(model, OCRNet):
+        raise TypeError(f"export: model must be an ocrnet OCRNet, got {type(model).__name__}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"export: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    h, w = (int(s) for s in shape)
+    if h < 1 or w < 1:
+        raise ValueError(f"export: shape must be positive, got {h}x{w}")
+    if dynamic:
+        if exporter != "dynamo":
+            raise ValueError("export: dynamic shapes need the dynamo exporter")
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h < 2 * SIZE_MULTIPLE \
+                or w < 2 * SIZE_MULTIPLE:
+            raise ValueError(f"export: with dynamic shapes, H and W must be multiples of "
+                             f"{SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}, got {h}x{w}")
+    prepared = prepare_for_inference(model, channels_last=False, keep_memory=False).cpu()
+    wrapped = ExportedOCRNet(prepared, output).eval()
+    # A dynamic batch needs an example of 2: torch.export specialises sizes of 0 and 1.
+    img = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if exporter == "dynamo":
+            kwargs = {}
+            if dynamic:
+                dim = torch.export.Dim
+                kwargs["dynamic_shapes"] = {"img": {
+                    0: dim("batch", min=1, max=1024),
+                    2: SIZE_MULTIPLE * dim("height", min=2, max=1024),
+                    3: SIZE_MULTIPLE * dim("width", min=2, max=1024)}}
+            program = torch.onnx.export(wrapped, (img,), None, dynamo=True, opset_version=OPSET,
+                                        input_names=["img"], output_names=[output],
+                                        verbose=False, **kwargs)
+            data = program.model_proto.SerializeToString()
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(wrapped, (img,), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=["img"], output_names=[output])
+            data = buffer.getvalue()
+    return data, wrapped
+
+
+def check_with_onnxruntime(onnx_model: bytes | str | os.PathLike, module: nn.Module,
+                           img: Tensor) -> float | None:
+    """Run ``onnx_model`` (bytes or a file) once in ONNX Runtime (CPU) on ``img``, compare with
+    ``module(img)``: the relative error (max |diff| / max |torch|) for float outputs, the
+    share of differing pixels for argmax; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    if not isinstance(onnx_model, bytes):
+        onnx_model = str(onnx_model)
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: img.numpy()})[0])
+    with torch.no_grad():
+        want = module(img)
+    if got.shape != want.shape:
+        raise ValueError(f"export: ONNX Runtime gave shape {tuple(got.shape)}, PyTorch "
+                         f"{tuple(want.shape)}")
+    if not want.is_floating_point():
+        return (got != want).double().mean().item()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
