@@ -141,3 +141,17 @@ def test_conv_relu_differentiates_like_the_convolution(with_residual):
     assert rel_err(got, want) <= 1e-6
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) <= 1e-5
+
+
+def test_conv_relu_compiles_and_exports():
+    """Under torch.compile and torch.export the plain ops run (oneDNN's fused residual op has
+    no fake implementation); inductor fuses them itself."""
+    conv, fused = _channels_last_conv_relu()
+    x = torch.randn(1, 12, 9, 14).contiguous(memory_format=CL)
+    residual = torch.randn(1, 20, 9, 14)
+    with torch.no_grad():
+        want = torch.relu(conv(x) + residual)
+        assert rel_err(torch.compile(fused)(x, residual), want) <= 1e-5
+        program = torch.export.export(fused, (x, residual))
+    assert not any("mkldnn" in str(n.target) for n in program.graph.nodes)
+    assert rel_err(program.module()(x, residual), want) <= 1e-5

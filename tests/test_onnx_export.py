@@ -202,3 +202,44 @@ def test_export_command_refuses_bad_input_and_keeps_the_old_file(tmp_path):
         assert err.strip().splitlines()[-1].startswith("ocrnet export: error:")
         assert message in err
     assert old.read_bytes() == b"the user's file"
+
+
+_LOAD_PT2 = """
+import sys, torch
+import ocrkernels  # registers the ops the package calls
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+with torch.no_grad():
+    torch.save(runner(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_export_command_pt2_package_keeps_the_kernels_and_runs_elsewhere(tmp_path):
+    """--format pt2: an AOTInductor package of the fast path whose graph keeps the ocrkernels
+    ops; a fresh process loads it and gives PyTorch's logits."""
+    import subprocess
+    import sys
+
+    model = _tiny_model()
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    out = tmp_path / "tiny.pt2"
+    code, err = _cli(str(checkpoint), "--config", TINY, "--format", "pt2", "--out", str(out),
+                     "--shape", "32", "64")
+    assert code == 0, err
+    assert "the package vs PyTorch at (1, 3, 32, 64): relative error" in err
+    img = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(5))
+    torch.save(img, tmp_path / "img.pt")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PT2, str(out), str(tmp_path / "img.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        want = ocrnet.prepare_for_inference(model)(img)
+    assert rel_err(torch.load(tmp_path / "out.pt"), want) <= 1e-5
+    # The package's graph calls the fused kernels (not their reference decomposition).
+    with torch.no_grad():
+        program = torch.export.export(ocrnet.prepare_for_inference(model, channels_last=False),
+                                      (img,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"ocrkernels.spatial_gather.default",
+            "ocrkernels.object_attention_eval.default"} <= targets

@@ -14,7 +14,7 @@ HELP = {
     "test": "evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun)",
     "infer": "segment images: colourised masks and overlays as PNG",
     "bench": "fps (batch 1), FLOPs, parameters and peak memory of a config",
-    "export": "export a model as ONNX for deployment (checked in ONNX Runtime)",
+    "export": "export a model as ONNX or an AOTInductor package, checked against PyTorch",
     "demo": "train a small OCRNet on the synthetic set on the CPU and evaluate it",
 }
 

@@ -1,5 +1,5 @@
-"""``ocrnet export MODEL --out PATH``: the model as an ONNX file for deployment, checked and run
-once in ONNX Runtime against PyTorch."""
+"""``ocrnet export MODEL --out PATH``: the model as an ONNX file (checked and run once in ONNX
+Runtime against PyTorch) or an AOTInductor package (run once against PyTorch) for deployment."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..api import load_model
-from ..inference.export import OUTPUTS, SIZE_MULTIPLE, check_with_onnxruntime, onnx_bytes
+from ..inference.export import (OUTPUTS, SIZE_MULTIPLE, check_pt2, check_with_onnxruntime,
+                                onnx_bytes, pt2_bytes)
 from ..utils.fileio import write_bytes_atomic
 from . import HELP
 from .errors import print_error
@@ -25,17 +26,23 @@ def add_parser(sub) -> None:
     """The ``ocrnet export`` subcommand's arguments."""
     e = sub.add_parser(
         "export", help=HELP["export"],
-        description="Export MODEL (a checkpoint, or a config name for random weights) as ONNX. "
-                    "The graph's input 'img' is the normalised float32 (N, 3, H, W) image, as "
-                    "model(img) takes it (ImageNet mean/std applied, RGB); its output is at the "
-                    "input's resolution. The file holds standard ONNX operators only (opset "
-                    "18); it is checked with onnx.checker and, where onnxruntime is installed, "
-                    "run once and compared with PyTorch.")
+        description="Export MODEL (a checkpoint, or a config name for random weights) as ONNX "
+                    "or as an AOTInductor package. The input 'img' is the normalised float32 "
+                    "(N, 3, H, W) image, as model(img) takes it (ImageNet mean/std applied, "
+                    "RGB); the output is at the input's resolution. The ONNX file holds "
+                    "standard operators only (opset 18); it is checked with onnx.checker and, "
+                    "where onnxruntime is installed, run once and compared with PyTorch. The "
+                    ".pt2 package keeps the fused ocrkernels ops (load it with "
+                    "torch._inductor.aoti_load_package after `import ocrkernels`); it is run "
+                    "once and compared with PyTorch. Nothing replaces --out before the check.")
     e.add_argument("model", help="checkpoint (.pth/.pt/.ckpt/.bin) or config name")
     e.add_argument("--config", default=None,
                    help="config of the checkpoint (default the one its meta names)")
-    e.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
-    e.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
+    e.add_argument("--out", required=True, metavar="PATH",
+                   help="the file to write: .onnx, or .pt2 with --format pt2")
+    e.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+                   help="onnx (default) or pt2 (torch.export + AOTInductor, compiled for this "
+                        "CPU; needs a C++ compiler, a minute or more)")
     e.add_argument("--shape", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="input size (default the config's crop size); with --dynamic the "
                         "example size, multiples of %d" % SIZE_MULTIPLE)
@@ -44,14 +51,17 @@ def add_parser(sub) -> None:
     e.add_argument("--output", choices=OUTPUTS, default="logits",
                    help="logits (N, K, H, W), softmax (N, K, H, W) or argmax (N, H, W) int64")
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx.export(dynamo=True) (default) or the TorchScript exporter")
+                   help="ONNX only: torch.onnx.export(dynamo=True) (default) or the "
+                        "TorchScript exporter")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ocrnet export`` on parsed ``args``; the exit status."""
     try:
-        if not str(args.out).endswith(".onnx"):
-            raise ValueError(f"export: --out must name a .onnx file, got {args.out!r}")
+        suffix = "." + args.format
+        if not str(args.out).endswith(suffix):
+            raise ValueError(f"export: --out must name a {suffix} file with --format "
+                             f"{args.format}, got {args.out!r}")
         model, cfg, checkpoint = load_model(args.model, args.config, device="cpu", fused=True)
         if checkpoint is None:
             print(f"ocrnet export: note: no checkpoint, {cfg.name} has random weights",
@@ -63,26 +73,32 @@ def run(args: argparse.Namespace) -> int:
         out_folder = Path(args.out).parent
         if not out_folder.is_dir():
             raise FileNotFoundError(f"export: folder {str(out_folder)!r} does not exist")
-        data, exported = onnx_bytes(model, shape, dynamic=args.dynamic, output=args.output,
-                                    exporter=args.exporter)
-        import onnx
+        if args.format == "pt2":
+            data, exported = pt2_bytes(model, shape, dynamic=args.dynamic, output=args.output)
+            runner = "the package"
+        else:
+            data, exported = onnx_bytes(model, shape, dynamic=args.dynamic, output=args.output,
+                                        exporter=args.exporter)
+            runner = "ONNX Runtime"
+            import onnx
 
-        onnx.checker.check_model(onnx.load_from_string(data))
+            onnx.checker.check_model(onnx.load_from_string(data))
         sizes = [shape] + ([(shape[0] + SIZE_MULTIPLE, shape[1] + 2 * SIZE_MULTIPLE)]
                            if args.dynamic else [])
         for h, w in sizes:
             img = torch.randn(2 if args.dynamic else 1, 3, h, w,
                               generator=torch.Generator().manual_seed(1))
-            error = check_with_onnxruntime(data, exported, img)
+            error = (check_pt2(data, exported, img) if args.format == "pt2"
+                     else check_with_onnxruntime(data, exported, img))
             if error is None:
                 print("ocrnet export: onnxruntime not installed: the file was not run",
                       file=sys.stderr)
                 break
             what = "differing pixels" if args.output == "argmax" else "relative error"
-            print(f"ocrnet export: ONNX Runtime vs PyTorch at {tuple(img.shape)}: {what} "
+            print(f"ocrnet export: {runner} vs PyTorch at {tuple(img.shape)}: {what} "
                   f"{error:.2e}", file=sys.stderr)
             if not error <= MAX_ERROR:
-                raise ValueError(f"export: ONNX Runtime's output differs from PyTorch's "
+                raise ValueError(f"export: {runner}'s output differs from PyTorch's "
                                  f"({what} {error:.2e} > {MAX_ERROR:.0e}); {args.out} not "
                                  "written")
         write_bytes_atomic(args.out, data)  # only a checked file replaces what was there

@@ -1,4 +1,5 @@
-"""ONNX export of an OCRNet for deployment: :func:`export_onnx`, behind ``ocrnet export``.
+"""Export of an OCRNet for deployment, behind ``ocrnet export``: ONNX (:func:`onnx_bytes`,
+:func:`export_onnx`) and AOTInductor packages (:func:`pt2_bytes`).
 
 The exported graph takes the normalised float32 (N, 3, H, W) image, as ``model(img)`` takes it
 (mean/std of :func:`ocrnet.normalise` already applied), and gives, at the input's resolution:
@@ -10,14 +11,18 @@ The exported graph takes the normalised float32 (N, 3, H, W) image, as ``model(i
 The model is the inference copy of :func:`ocrnet.prepare_for_inference` (BatchNorm folded). While
 ``torch.onnx.export`` runs, every ``ocrkernels`` op takes its plain-PyTorch path
 (:func:`ocrkernels.backends.exporting_onnx`), so the file holds standard ONNX operators only and
-runs in any ONNX runtime. With ``dynamic``, batch, height and width are free (height and width
-multiples of :data:`SIZE_MULTIPLE`).
+runs in any ONNX runtime. The AOTInductor package (``.pt2``) keeps the ``ocrkernels`` ops
+(``torch.export`` graph, compiled ahead of time): load it with
+``torch._inductor.aoti_load_package`` after ``import ocrkernels``, which registers them. With
+``dynamic``, batch, height and width are free (height and width multiples of
+:data:`SIZE_MULTIPLE`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +33,7 @@ from ..utils.fileio import write_bytes_atomic
 from .fastpath import prepare_for_inference
 
 __all__ = ["OUTPUTS", "SIZE_MULTIPLE", "ExportedOCRNet", "check_with_onnxruntime",
-           "export_onnx", "onnx_bytes"]
+           "check_pt2", "export_onnx", "onnx_bytes", "pt2_bytes"]
 
 OUTPUTS = ("logits", "softmax", "argmax")
 # Height and width of a dynamic export: multiples of the backbone's largest stride (HRNet's
@@ -88,33 +93,14 @@ def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
         (the ONNX model's bytes, the exported module: the prepared model and its output, on the
         CPU, for comparisons).
     """
-    if not isinstance(model, OCRNet):
-        raise TypeError(f"export: model must be an ocrnet OCRNet, got {type(model).__name__}")
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"export: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    h, w = (int(s) for s in shape)
-    if h < 1 or w < 1:
-        raise ValueError(f"export: shape must be positive, got {h}x{w}")
-    if dynamic:
-        if exporter != "dynamo":
-            raise ValueError("export: dynamic shapes need the dynamo exporter")
-        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h < 2 * SIZE_MULTIPLE \
-                or w < 2 * SIZE_MULTIPLE:
-            raise ValueError(f"export: with dynamic shapes, H and W must be multiples of "
-                             f"{SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}, got {h}x{w}")
-    prepared = prepare_for_inference(model, channels_last=False, keep_memory=False).cpu()
-    wrapped = ExportedOCRNet(prepared, output).eval()
-    # A dynamic batch needs an example of 2: torch.export specialises sizes of 0 and 1.
-    img = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    if dynamic and exporter != "dynamo":
+        raise ValueError("export: dynamic shapes need the dynamo exporter")
+    wrapped, img, dynamic_shapes = _prepare(model, shape, dynamic, output)
     with torch.no_grad():
         if exporter == "dynamo":
-            kwargs = {}
-            if dynamic:
-                dim = torch.export.Dim
-                kwargs["dynamic_shapes"] = {"img": {
-                    0: dim("batch", min=1, max=1024),
-                    2: SIZE_MULTIPLE * dim("height", min=2, max=1024),
-                    3: SIZE_MULTIPLE * dim("width", min=2, max=1024)}}
+            kwargs = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
             program = torch.onnx.export(wrapped, (img,), None, dynamo=True, opset_version=OPSET,
                                         input_names=["img"], output_names=[output],
                                         verbose=False, **kwargs)
@@ -125,6 +111,61 @@ def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
                               input_names=["img"], output_names=[output])
             data = buffer.getvalue()
     return data, wrapped
+
+
+def pt2_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
+              output: str = "logits") -> tuple[bytes, ExportedOCRNet]:
+    """``model`` as an AOTInductor package: ``torch.export`` of the prepared model (its
+    ``ocrkernels`` ops kept), compiled ahead of time for this machine's CPU by
+    ``torch._inductor.aoti_compile_and_package`` (a C++ compiler must be installed; a minute
+    or more). Arguments and return value as :func:`onnx_bytes`."""
+    wrapped, img, dynamic_shapes = _prepare(model, shape, dynamic, output)
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (img,), dynamic_shapes=dynamic_shapes)
+        with tempfile.TemporaryDirectory() as folder:
+            package = Path(folder) / "model.pt2"
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+            return package.read_bytes(), wrapped
+
+
+def check_pt2(package: bytes, module: nn.Module, img: Tensor) -> float:
+    """Load the AOTInductor ``package`` (bytes), run it on ``img`` and compare with
+    ``module(img)``, as :func:`check_with_onnxruntime`."""
+    import ocrkernels  # noqa: F401 -- registers the ops the package calls
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt2"
+        path.write_bytes(package)
+        runner = torch._inductor.aoti_load_package(str(path))
+        with torch.no_grad():
+            got = runner(img)
+    return _compare(got, module, img, "the package")
+
+
+def _prepare(model: OCRNet, shape: tuple[int, int], dynamic: bool, output: str
+             ) -> tuple[ExportedOCRNet, Tensor, dict | None]:
+    """The exported module, its example image and its dynamic shapes (or None)."""
+    if not isinstance(model, OCRNet):
+        raise TypeError(f"export: model must be an ocrnet OCRNet, got {type(model).__name__}")
+    h, w = (int(s) for s in shape)
+    if h < 1 or w < 1:
+        raise ValueError(f"export: shape must be positive, got {h}x{w}")
+    if dynamic:
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h < 2 * SIZE_MULTIPLE \
+                or w < 2 * SIZE_MULTIPLE:
+            raise ValueError(f"export: with dynamic shapes, H and W must be multiples of "
+                             f"{SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}, got {h}x{w}")
+    prepared = prepare_for_inference(model, channels_last=False, keep_memory=False).cpu()
+    wrapped = ExportedOCRNet(prepared, output).eval()
+    # A dynamic batch needs an example of 2: torch.export specialises sizes of 0 and 1.
+    img = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim
+        dynamic_shapes = {"img": {0: dim("batch", min=1, max=1024),
+                                  2: SIZE_MULTIPLE * dim("height", min=2, max=1024),
+                                  3: SIZE_MULTIPLE * dim("width", min=2, max=1024)}}
+    return wrapped, img, dynamic_shapes
 
 
 def check_with_onnxruntime(onnx_model: bytes | str | os.PathLike, module: nn.Module,
@@ -140,10 +181,14 @@ def check_with_onnxruntime(onnx_model: bytes | str | os.PathLike, module: nn.Mod
         onnx_model = str(onnx_model)
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: img.numpy()})[0])
+    return _compare(got, module, img, "ONNX Runtime")
+
+
+def _compare(got: Tensor, module: nn.Module, img: Tensor, runner: str) -> float:
     with torch.no_grad():
         want = module(img)
     if got.shape != want.shape:
-        raise ValueError(f"export: ONNX Runtime gave shape {tuple(got.shape)}, PyTorch "
+        raise ValueError(f"export: {runner} gave shape {tuple(got.shape)}, PyTorch "
                          f"{tuple(want.shape)}")
     if not want.is_floating_point():
         return (got != want).double().mean().item()

@@ -61,11 +61,13 @@ class ConvReLU(nn.Module):
         self._packed: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if backends.exporting_onnx() or torch.is_grad_enabled() and (
-                x.requires_grad or self.weight.requires_grad
-                or (residual is not None and residual.requires_grad)):
-            # oneDNN's fused op has no derivative (autograd would silently drop the gradient)
-            # and no ONNX translation.
+        if backends.exporting_onnx() or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and (
+                    x.requires_grad or self.weight.requires_grad
+                    or (residual is not None and residual.requires_grad))):
+            # oneDNN's fused op has no derivative (autograd would silently drop the gradient),
+            # no ONNX translation and, for the residual form, no fake implementation for
+            # torch.compile / torch.export (inductor fuses the plain ops the same way itself).
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                          self.groups)
             if residual is not None:
@@ -83,9 +85,9 @@ class ConvReLU(nn.Module):
         """The weight prepacked by oneDNN for inputs of ``x``'s shape (what inductor's freezing
         does): the same products, bit for bit, without reordering the weight on every call
         (4-15% of these convolutions' time at HRNet's widths, docs/PERFORMANCE.md). Packed on
-        the first call of each shape (at most :data:`MAX_PACKED` kept); the plain weight under
-        tracing and off the CPU."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not _PREPACK:
+        the first call of each shape (at most :data:`MAX_PACKED` kept); the plain weight off the
+        CPU."""
+        if x.device.type != "cpu" or not _PREPACK:
             return self.weight
         key = (tuple(x.shape), x.dtype, self.weight._version)
         packed = self._packed.get(key)
