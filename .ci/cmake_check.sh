@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the op library and csrc/tools/gather_check with CMake against the venv's LibTorch, then
+# Build the op library, csrc/tools/gather_check and csrc/tools/pt2_run with CMake against the venv's LibTorch, then
 # check (in fresh processes that do not import the Python package's _C) that the library loads
 # and computes the reference's numbers, and that the C++ program prints the Python op's values
 # (tests/test_cmake_program.py). The build directory is shared with that test.

@@ -84,3 +84,53 @@ def test_hand_checked_value(gather_check):
     z = sum(math.exp(v) for v in logits)
     r000 = sum(math.exp(v) / z * f for v, f in zip(logits, feats))
     assert run_program(gather_check, 1.0)[0].item() == pytest.approx(r000, rel=1e-13)
+
+
+@pytest.fixture(scope="module")
+def pt2_run():
+    prefix = torch.utils.cmake_prefix_path
+    jobs = os.environ.get("MAX_JOBS", "2")
+    for cmd in (["cmake", "-S", str(REPO), "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={prefix}"],
+                ["cmake", "--build", BUILD_DIR, "-j", jobs, "--target", "pt2_run"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}" \
+                                     f"\n{proc.stderr[-4000:]}"
+    exe = os.path.join(BUILD_DIR, "pt2_run")
+    assert os.path.exists(exe)
+    return exe
+
+
+def test_cpp_program_runs_the_exported_pt2_package(pt2_run, tmp_path):
+    """`ocrnet export --format pt2` of a small OCRNet (dynamic shapes), run from C++ with the
+    CMake library serving the fused ops: the Python package's logits, bit for bit, at a size
+    other than the example's."""
+    import numpy as np
+
+    from ocrnet.cli import main as cli_main
+
+    package = tmp_path / "tiny.pt2"
+    assert cli_main(["export", "ocrnet_hrtiny8_1xb4-20_synthetic-32x64", "--format", "pt2",
+                     "--dynamic", "--shape", "64", "64", "--out", str(package)]) == 0
+    img = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+    img.numpy().tofile(tmp_path / "img.bin")
+    proc = subprocess.run([pt2_run, str(package), str(tmp_path / "img.bin"), "1", "3", "96",
+                           "160", str(tmp_path / "out.bin")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    shape = tuple(int(v) for v in proc.stdout.split()[1:])
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32)).view(shape)
+    with torch.no_grad():
+        want = torch._inductor.aoti_load_package(str(package))(img)
+    assert got.shape == want.shape == (1, 7, 96, 160)
+    assert torch.equal(got, want)
+    assert got.abs().max() > 0
+
+
+def test_cpp_pt2_program_refuses_a_short_image(pt2_run, tmp_path):
+    (tmp_path / "img.bin").write_bytes(b"\0" * 12)
+    proc = subprocess.run([pt2_run, "missing.pt2", str(tmp_path / "img.bin"), "1", "3", "2",
+                           "2", str(tmp_path / "out.bin")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "does not hold exactly 12 float32 values" in proc.stderr
