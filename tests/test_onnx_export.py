@@ -243,3 +243,24 @@ def test_export_command_pt2_package_keeps_the_kernels_and_runs_elsewhere(tmp_pat
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"ocrkernels.spatial_gather.default",
             "ocrkernels.object_attention_eval.default"} <= targets
+
+
+@pytest.mark.parametrize("config", [
+    "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", "ocrnet_hr18_4xb2-40k_cityscapes-512x1024",
+    "ocrnet_hr48_4xb2-40k_cityscapes-512x1024", "ocrnet_r101-d8_4xb2-40k_cityscapes-512x1024"])
+def test_every_published_architecture_exports(tmp_path, config):
+    """Each backbone of the published table (random weights, a small image) on its fast path:
+    ONNX Runtime gives PyTorch's logits."""
+    _need_onnx_runtime()
+    torch.manual_seed(0)
+    model = randomise_batchnorm(build_segmentor(config, fused=True), mean_scale=0.2,
+                                bias_scale=0.2).eval()
+    img = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(1))
+    from ocrnet.inference.export import onnx_bytes
+
+    data, exported = onnx_bytes(model, (64, 128))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    with torch.no_grad():
+        want = exported(img)
+    assert rel_err(_run(path, img), want) <= TOL

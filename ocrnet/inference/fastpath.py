@@ -24,8 +24,9 @@ What :func:`prepare_for_inference` changes, and why it is exact in eval mode:
   the heads: oneDNN's convolutions are faster in NHWC, while the heads (the fused OCR core reads
   NCHW) are faster contiguous; the whole model is fastest with that split (the measurements are
   in docs/PERFORMANCE.md, "Measurements formerly in docstrings");
-* on CPU in channels_last, the backbone's residual blocks and conv-ReLU pairs run as oneDNN
-  convolutions with the ReLU and the residual sum fused in (:mod:`.fused_convs`);
+* on CPU in channels_last, every backbone convolution runs as a oneDNN convolution with its
+  ReLU and residual sum fused in and its weight prepacked once per input shape
+  (:mod:`.fused_convs`);
 * on CPU, glibc keeps freed blocks for reuse (``keep_memory``,
   :func:`ocrnet.utils.memory.keep_freed_memory`): not a change to the model, but the fresh,
   zero-filled pages of every large feature map were a third of a forward's time.
