@@ -11,10 +11,10 @@ Checkpoints saved by mmsegmentation load strictly (same state-dict keys); see
 from .api import init_model, load_model
 from .configs import Config, get_config, list_configs
 from .evaluation import IoUMetric
-from .inference import inference, prepare_for_inference
+from .inference import inference, normalise, prepare_for_inference
 from .models import OCRNet, build_segmentor
 from .models.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 
 __all__ = ["CheckpointError", "Config", "IoUMetric", "OCRNet", "build_segmentor",
            "convert_checkpoint", "get_config", "inference", "init_model", "list_configs",
-           "load_checkpoint", "load_model", "prepare_for_inference"]
+           "load_checkpoint", "load_model", "normalise", "prepare_for_inference"]
