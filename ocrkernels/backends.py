@@ -20,8 +20,8 @@ a :class:`RuntimeError` that says why.
 While ``torch.onnx.export`` runs (either exporter), every backend name resolves to
 ``reference`` too: the exported file holds standard ONNX operators that compute the
 reference's function, and runs in any ONNX runtime. Meta tensors (shape inference without
-data) carry no numbers, so every backend name resolves to ``reference`` on them: the same output shapes and dtypes, whatever backend the real call
-would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
+data) carry no numbers, so every backend name resolves to ``reference`` on them: the same
+output shapes and dtypes, whatever backend the real call would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
 dispatch, through the ops' registered fake implementations.
 
 Within the PyTorch training chain (:mod:`ocrkernels.attention_train`) and the batch
@@ -40,9 +40,9 @@ from torch import Tensor
 from ._extension import (cuda_kernels_error, extension_error, extension_loaded, has_kernel,
                          kernel_keys)
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "unavailable_reason", "exporting_onnx", "reference_forced",
-           "available_backends", "resolve_backend", "compiled_pixel_matmul", "compiled_bn_relu",
-           "compiled_var_mean"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "unavailable_reason", "exporting_onnx",
+           "reference_forced", "available_backends", "resolve_backend", "compiled_pixel_matmul",
+           "compiled_winograd", "compiled_bn_relu", "compiled_var_mean"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 BACKEND_ENV = "OCRKERNELS_BACKEND"

@@ -28,8 +28,8 @@ import torch
 
 from ._extension import extension_loaded
 
-__all__ = ["conv3x3_winograd_flops", "object_attention_eval_flops", "pixel_matmul_flops", "pixel_matmul_nt_flops",
-           "register_flop_formulas", "spatial_gather_flops"]
+__all__ = ["conv3x3_winograd_flops", "object_attention_eval_flops", "pixel_matmul_flops",
+           "pixel_matmul_nt_flops", "register_flop_formulas", "spatial_gather_flops"]
 
 
 def spatial_gather_flops(probs_shape, feats_shape, *args, out_shape=None, **kwargs) -> int:

@@ -38,19 +38,24 @@ def fixed_inputs():
     return probs, feats
 
 
-@pytest.fixture(scope="module")
-def gather_check():
+def build_program(target: str) -> str:
+    """Configure the CMake build against this LibTorch, build ``target``, return its path."""
     prefix = torch.utils.cmake_prefix_path
     jobs = os.environ.get("MAX_JOBS", "2")
     for cmd in (["cmake", "-S", str(REPO), "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={prefix}"],
-                ["cmake", "--build", BUILD_DIR, "-j", jobs, "--target", "gather_check"]):
+                ["cmake", "--build", BUILD_DIR, "-j", jobs, "--target", target]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}" \
                                      f"\n{proc.stderr[-4000:]}"
-    exe = os.path.join(BUILD_DIR, "gather_check")
+    exe = os.path.join(BUILD_DIR, target)
     assert os.path.exists(exe)
     return exe
+
+
+@pytest.fixture(scope="module")
+def gather_check():
+    return build_program("gather_check")
 
 
 def run_program(exe, scale):
@@ -88,17 +93,7 @@ def test_hand_checked_value(gather_check):
 
 @pytest.fixture(scope="module")
 def pt2_run():
-    prefix = torch.utils.cmake_prefix_path
-    jobs = os.environ.get("MAX_JOBS", "2")
-    for cmd in (["cmake", "-S", str(REPO), "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={prefix}"],
-                ["cmake", "--build", BUILD_DIR, "-j", jobs, "--target", "pt2_run"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}" \
-                                     f"\n{proc.stderr[-4000:]}"
-    exe = os.path.join(BUILD_DIR, "pt2_run")
-    assert os.path.exists(exe)
-    return exe
+    return build_program("pt2_run")
 
 
 def test_cpp_program_runs_the_exported_pt2_package(pt2_run, tmp_path):

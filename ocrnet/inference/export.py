@@ -1,5 +1,6 @@
-"""Export of an OCRNet for deployment, behind ``ocrnet export``: ONNX (:func:`onnx_bytes`,
-:func:`export_onnx`) and AOTInductor packages (:func:`pt2_bytes`).
+"""Export of an OCRNet for deployment, behind ``ocrnet export``: ONNX (:func:`onnx_bytes`) and
+AOTInductor packages (:func:`pt2_bytes`), as bytes that the command checks before it writes
+them.
 
 The exported graph takes the normalised float32 (N, 3, H, W) image, as ``model(img)`` takes it
 (mean/std of :func:`ocrnet.normalise` already applied), and gives, at the input's resolution:
@@ -29,11 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ..models.segmentor import OCRNet
-from ..utils.fileio import write_bytes_atomic
 from .fastpath import prepare_for_inference
 
 __all__ = ["OUTPUTS", "SIZE_MULTIPLE", "ExportedOCRNet", "check_with_onnxruntime",
-           "check_pt2", "export_onnx", "onnx_bytes", "pt2_bytes"]
+           "check_pt2", "onnx_bytes", "pt2_bytes"]
 
 OUTPUTS = ("logits", "softmax", "argmax")
 # Height and width of a dynamic export: multiples of the backbone's largest stride (HRNet's
@@ -60,19 +60,6 @@ class ExportedOCRNet(nn.Module):
         if self.output == "argmax":
             return logits.argmax(dim=1)
         return logits
-
-
-def export_onnx(model: OCRNet, path: str | os.PathLike, shape: tuple[int, int], *,
-                dynamic: bool = False, output: str = "logits", exporter: str = "dynamo"
-                ) -> ExportedOCRNet:
-    """Write ``model`` as ONNX to ``path`` (its folder must exist), atomically: the file of
-    :func:`onnx_bytes` (same arguments). Returns the exported module."""
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"export: folder {str(folder)!r} does not exist")
-    data, wrapped = onnx_bytes(model, shape, dynamic=dynamic, output=output, exporter=exporter)
-    write_bytes_atomic(path, data)
-    return wrapped
 
 
 def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
