@@ -67,7 +67,7 @@ from ocrnet.models import build_segmentor
 from ocrnet.models.segmentor import count_parameters
 from ocrnet.utils.fileio import write_json_atomic
 from ocrnet.utils.memory import keep_freed_memory
-from peers import PEERS, PeerUnavailable, build_peer  # bench/peers.py
+from peers import PEERS, PeerUnavailable, build_onnxruntime_fused, build_peer  # bench/peers.py
 from report import cpu_name, run_lines  # bench/report.py: the header lines bench/run.py prints too
 
 # The mmsegmentation fixture beside the repository (README of ../shared/fixtures): hr18s
@@ -168,6 +168,14 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
         except PeerUnavailable as exc:
             log(f"{key}: {peer} skipped: {exc}")
             PEER_VERSIONS[peer] = f"skipped: {exc}"
+    if "onnxruntime" in paths:
+        log(f"{key}: building ort-fused")
+        try:
+            paths["ort-fused"], PEER_VERSIONS["ort-fused (ours)"] = build_onnxruntime_fused(
+                eager, img)
+        except PeerUnavailable as exc:
+            log(f"{key}: ort-fused skipped: {exc}")
+            PEER_VERSIONS["ort-fused (ours)"] = f"skipped: {exc}"
     errors, agreement = {}, {}
     with torch.no_grad():
         ref = eager(img)
@@ -198,6 +206,8 @@ def bench_model(key: str, shape: tuple[int, int, int, int], warmup: int, images:
             "fps": t["fps"], "seconds": t["seconds"], "median_s": t["median_s"],
             "speedup_vs_eager": t["fps"] / timing["eager"]["fps"],
             "speedup_vs_best_peer": t["fps"] / max(peer_fps) if peer_fps else None,
+            "speedup_vs_onnxruntime": (t["fps"] / timing["onnxruntime"]["fps"]
+                                       if "onnxruntime" in timing else None),
             "gflop": flops["total"] / 1e9,
             "gflop_parts": {k: v / 1e9 for k, v in flops.items() if k != "total"},
             "gflops": flops["total"] / 1e9 * t["fps"],
@@ -269,13 +279,15 @@ def parts_table(times: dict[str, dict[str, float]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "path", "fps", "median s", "vs eager", "vs best peer", "GFLOP", "GFLOP/s",
-            "params M", "rel err", "argmax agree"]
+    cols = ["model", "path", "fps", "median s", "vs eager", "vs best peer", "vs ORT", "GFLOP",
+            "GFLOP/s", "params M", "rel err", "argmax agree"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         cells = [r["model"], r["path"], f"{r['fps']:.3f}", f"{r['median_s']:.3f}",
                  f"{r['speedup_vs_eager']:.2f}x",
                  "—" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}x",
+                 "—" if r.get("speedup_vs_onnxruntime") is None
+                 else f"{r['speedup_vs_onnxruntime']:.2f}x",
                  f"{r['gflop']:.1f}", f"{r['gflops']:.1f}", f"{r['params_m']:.2f}",
                  "—" if r["path"] == "eager" else f"{r['rel_err_vs_eager']:.1e}",
                  "—" if r["path"] == "eager" else f"{100 * r['argmax_agreement']:.2f}%"]
@@ -308,7 +320,8 @@ def header(args: argparse.Namespace, shape: tuple[int, ...], started: datetime.d
                            "prepare_for_inference), process-wide: every path runs with it"
                            if keep_freed_memory() else "the C library's default"),
         "- peers: " + ("; ".join(f"{p}: {v}" for p, v in PEER_VERSIONS.items()) or "none"),
-        "- vs best peer: this fps / the fps of the fastest peer of the same model and run",
+        "- vs best peer: this fps / the fps of the fastest peer of the same model and run; "
+        "vs ORT: this fps / the onnxruntime peer's (ort-fused is ours, not a peer)",
         "- GFLOP: convolution and matmul multiply-adds x2 (FlopCounterMode), the OCR core's "
         "included, as the eager model computes them; by part: " + parts,
         "- rel err: max |path - eager| / max |eager| of the logits; argmax agree: pixels with "

@@ -13,7 +13,9 @@ from . import reference
 from ._fakes import register as _register_fakes
 from .backends import BACKENDS, available_backends, resolve_backend
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .head_eval import ocr_head_eval
 from .modules import ConvBNReLU, ObjectAttention, OCRHead, SpatialGather
+from .onnx_ops import onnxruntime_library
 from .ops import spatial_gather
 from .winograd import WinogradConv2d, conv3x3_winograd
 from .winograd import register_autograd as _register_winograd_autograd
@@ -34,6 +36,8 @@ __all__ = [
     "available_backends",
     "conv3x3_winograd",
     "convert_sync_batchnorm",
+    "ocr_head_eval",
+    "onnxruntime_library",
     "reference",
     "resolve_backend",
     "spatial_gather",

@@ -13,6 +13,7 @@ import torch
 from conftest import rel_err, shared_path
 from torch import nn
 
+import ocrkernels
 import ocrnet
 from ocrkernels import OCRHead, backends
 from ocrnet.configs import SYNTHETIC_CONFIGS
@@ -26,12 +27,13 @@ TOL = 1e-4
 def _need_onnx_runtime():
     """ONNX Runtime and onnxscript are test dependencies (make setup installs them): in CI
     their absence fails; in a user's environment without them the tests skip."""
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript")
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions")
                if importlib.util.find_spec(m) is None]
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{', '.join(missing)} missing: CI installs them with make setup")
-        pytest.skip(f"{', '.join(missing)} not installed (pip install onnxruntime onnxscript)")
+        pytest.skip(f"{', '.join(missing)} not installed (pip install onnxruntime onnxscript "
+                    "onnxruntime-extensions)")
 
 
 def _export(model: nn.Module, args: tuple, path, dynamo: bool, **kwargs) -> None:
@@ -151,18 +153,31 @@ def _cli(*args: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def test_export_command_on_the_mmseg_fixture_gives_mmsegs_logits(tmp_path):
+@pytest.mark.parametrize("fused_ops", [False, True], ids=["plain", "fused_ops"])
+def test_export_command_on_the_mmseg_fixture_gives_mmsegs_logits(tmp_path, fused_ops):
     """`ocrnet export` of mmsegmentation's own hr18s checkpoint: ONNX Runtime's logits for the
-    fixture image are mmsegmentation's."""
+    fixture image are mmsegmentation's, with standard operators only and with the OCR head as
+    ocrkernels' custom op (served by ocrkernels.onnxruntime_library)."""
     _need_onnx_runtime()
     folder = shared_path("fixtures", "mmseg_ocrnet_hr18s")
     out = tmp_path / "hr18s.onnx"
-    code, err = _cli(str(folder / "ocrnet_hr18s_cityscapes_randinit.pth"), "--config",
-                     "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", "--out", str(out))
+    checkpoint = str(folder / "ocrnet_hr18s_cityscapes_randinit.pth")
+    config = "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024"
+    # Both ways of naming the weights: CHECKPOINT --config CONFIG, and CONFIG CHECKPOINT.
+    names = [config, checkpoint] if fused_ops else [checkpoint, "--config", config]
+    code, err = _cli(*names, "--out", str(out), *(["--fused-ops"] if fused_ops else []))
     assert code == 0, err
     assert "ONNX Runtime vs PyTorch at (1, 3, 512, 1024): relative error" in err
     img = torch.from_numpy(np.load(folder / "input_1x3x512x1024.npy"))
-    got = _run(out, img)
+    if fused_ops:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(ocrkernels.onnxruntime_library())
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"img": img.numpy()})[0])
+    else:
+        got = _run(out, img)
     coarse = torch.from_numpy(np.load(folder / "ocr_logits_1x19x128x256.npy"))
     want = torch.nn.functional.interpolate(coarse, size=(512, 1024), mode="bilinear",
                                            align_corners=False)
@@ -196,6 +211,7 @@ def test_export_command_refuses_bad_input_and_keeps_the_old_file(tmp_path):
         (["--out", str(old), "--dynamic", "--shape", "50", "64"], "multiples of 32"),
         (["--out", str(old), "--dynamic", "--exporter", "torchscript", "--shape", "64", "64"],
          "dynamo exporter"),
+        (["x.pth", "--config", TINY, "--out", str(old)], "not both"),
     ]:
         code, err = _cli(TINY, *args)
         assert code == 1

@@ -34,8 +34,17 @@ def add_parser(sub) -> None:
                     "where onnxruntime is installed, run once and compared with PyTorch. The "
                     ".pt2 package keeps the fused ocrkernels ops (load it with "
                     "torch._inductor.aoti_load_package after `import ocrkernels`); it is run "
-                    "once and compared with PyTorch. Nothing replaces --out before the check.")
-    e.add_argument("model", help="checkpoint (.pth/.pt/.ckpt/.bin) or config name")
+                    "once and compared with PyTorch. Nothing replaces --out before the check. "
+                    "With --fused-ops the ONNX file keeps the OCR head as one custom node "
+                    "(domain com.ocrkernels, OCRHead), which ONNX Runtime runs with the fused "
+                    "kernels after SessionOptions.register_custom_ops_library("
+                    "ocrkernels.onnxruntime_library()) (pip install onnxruntime-extensions).")
+    e.add_argument("model", metavar="MODEL",
+                   help="checkpoint (.pth/.pt/.ckpt/.bin) or config name; or CONFIG when a "
+                        "CHECKPOINT follows (`ocrnet export CONFIG CHECKPOINT`, as `ocrnet "
+                        "test` takes them)")
+    e.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="weights, after a CONFIG")
     e.add_argument("--config", default=None,
                    help="config of the checkpoint (default the one its meta names)")
     e.add_argument("--out", required=True, metavar="PATH",
@@ -53,6 +62,10 @@ def add_parser(sub) -> None:
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="ONNX only: torch.onnx.export(dynamo=True) (default) or the "
                         "TorchScript exporter")
+    e.add_argument("--fused-ops", action="store_true",
+                   help="ONNX only: keep the OCR head as the com.ocrkernels OCRHead node, "
+                        "run by ocrkernels.onnxruntime_library() in ONNX Runtime (default: "
+                        "standard operators only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +75,16 @@ def run(args: argparse.Namespace) -> int:
         if not str(args.out).endswith(suffix):
             raise ValueError(f"export: --out must name a {suffix} file with --format "
                              f"{args.format}, got {args.out!r}")
-        model, cfg, checkpoint = load_model(args.model, args.config, device="cpu", fused=True)
+        if args.fused_ops and args.format != "onnx":
+            raise ValueError("export: --fused-ops is for --format onnx (the pt2 package keeps "
+                             "the fused ops anyway)")
+        source, config = args.model, args.config
+        if args.checkpoint is not None:  # CONFIG CHECKPOINT
+            if args.config is not None:
+                raise ValueError("export: give the config either first (CONFIG CHECKPOINT) "
+                                 "or as --config, not both")
+            source, config = args.checkpoint, args.model
+        model, cfg, checkpoint = load_model(source, config, device="cpu", fused=True)
         if checkpoint is None:
             print(f"ocrnet export: note: no checkpoint, {cfg.name} has random weights",
                   file=sys.stderr)
@@ -78,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             runner = "the package"
         else:
             data, exported = onnx_bytes(model, shape, dynamic=args.dynamic, output=args.output,
-                                        exporter=args.exporter)
+                                        exporter=args.exporter, fused_ops=args.fused_ops)
             runner = "ONNX Runtime"
             import onnx
 
@@ -89,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
             img = torch.randn(2 if args.dynamic else 1, 3, h, w,
                               generator=torch.Generator().manual_seed(1))
             error = (check_pt2(data, exported, img) if args.format == "pt2"
-                     else check_with_onnxruntime(data, exported, img))
+                     else check_with_onnxruntime(data, exported, img, args.fused_ops))
             if error is None:
-                print("ocrnet export: onnxruntime not installed: the file was not run",
+                missing = "onnxruntime" + (" or onnxruntime-extensions" if args.fused_ops
+                                           else "")
+                print(f"ocrnet export: {missing} not installed: the file was not run",
                       file=sys.stderr)
                 break
             what = "differing pixels" if args.output == "argmax" else "relative error"

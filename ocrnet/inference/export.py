@@ -17,6 +17,11 @@ runs in any ONNX runtime. The AOTInductor package (``.pt2``) keeps the ``ocrkern
 ``torch._inductor.aoti_load_package`` after ``import ocrkernels``, which registers them. With
 ``dynamic``, batch, height and width are free (height and width multiples of
 :data:`SIZE_MULTIPLE`).
+
+With ``fused_ops``, the ONNX file keeps the OCR head as one ``com.ocrkernels`` ``OCRHead`` node
+(:mod:`ocrkernels.onnx_ops`) on its folded parameters, the rest in standard operators: ONNX
+Runtime runs it with the fused kernels once the session options register
+:func:`ocrkernels.onnxruntime_library` (``pip install onnxruntime-extensions``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ocrkernels import onnx_ops
 
 from ..models.segmentor import OCRNet
 from .fastpath import prepare_for_inference
@@ -63,7 +70,7 @@ class ExportedOCRNet(nn.Module):
 
 
 def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
-               output: str = "logits", exporter: str = "dynamo"
+               output: str = "logits", exporter: str = "dynamo", fused_ops: bool = False
                ) -> tuple[bytes, ExportedOCRNet]:
     """``model`` (eval mode, any device; exported on the CPU) as a serialised ONNX model.
 
@@ -75,6 +82,8 @@ def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
         output: ``logits``, ``softmax`` or ``argmax`` (see the module docstring).
         exporter: ``dynamo`` (``torch.onnx.export(dynamo=True)``, through onnxscript) or
             ``torchscript`` (the older exporter); opset :data:`OPSET`.
+        fused_ops: keep the OCR head as the ``com.ocrkernels`` ``OCRHead`` node (see the
+            module docstring); the exported module then runs that node's op too.
 
     Returns:
         (the ONNX model's bytes, the exported module: the prepared model and its output, on the
@@ -84,10 +93,14 @@ def onnx_bytes(model: OCRNet, shape: tuple[int, int], *, dynamic: bool = False,
         raise ValueError(f"export: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     if dynamic and exporter != "dynamo":
         raise ValueError("export: dynamic shapes need the dynamo exporter")
-    wrapped, img, dynamic_shapes = _prepare(model, shape, dynamic, output)
+    wrapped, img, dynamic_shapes = _prepare(model, shape, dynamic, output, fused_ops)
+    kwargs = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
+    if fused_ops and exporter == "dynamo":
+        kwargs["custom_translation_table"] = onnx_ops.translation_table()
+    elif fused_ops:
+        onnx_ops.register_torchscript_symbolic(OPSET)
     with torch.no_grad():
         if exporter == "dynamo":
-            kwargs = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
             program = torch.onnx.export(wrapped, (img,), None, dynamo=True, opset_version=OPSET,
                                         input_names=["img"], output_names=[output],
                                         verbose=False, **kwargs)
@@ -129,8 +142,8 @@ def check_pt2(package: bytes, module: nn.Module, img: Tensor) -> float:
     return _compare(got, module, img, "the package")
 
 
-def _prepare(model: OCRNet, shape: tuple[int, int], dynamic: bool, output: str
-             ) -> tuple[ExportedOCRNet, Tensor, dict | None]:
+def _prepare(model: OCRNet, shape: tuple[int, int], dynamic: bool, output: str,
+             fused_ops: bool = False) -> tuple[ExportedOCRNet, Tensor, dict | None]:
     """The exported module, its example image and its dynamic shapes (or None)."""
     if not isinstance(model, OCRNet):
         raise TypeError(f"export: model must be an ocrnet OCRNet, got {type(model).__name__}")
@@ -143,6 +156,8 @@ def _prepare(model: OCRNet, shape: tuple[int, int], dynamic: bool, output: str
             raise ValueError(f"export: with dynamic shapes, H and W must be multiples of "
                              f"{SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}, got {h}x{w}")
     prepared = prepare_for_inference(model, channels_last=False, keep_memory=False).cpu()
+    if fused_ops:  # the OCR head as one op on its folded parameters
+        prepared.decode_head[1] = onnx_ops.CustomOpHead(prepared.ocr_head)
     wrapped = ExportedOCRNet(prepared, output).eval()
     # A dynamic batch needs an example of 2: torch.export specialises sizes of 0 and 1.
     img = torch.randn(2 if dynamic else 1, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -156,17 +171,24 @@ def _prepare(model: OCRNet, shape: tuple[int, int], dynamic: bool, output: str
 
 
 def check_with_onnxruntime(onnx_model: bytes | str | os.PathLike, module: nn.Module,
-                           img: Tensor) -> float | None:
+                           img: Tensor, fused_ops: bool = False) -> float | None:
     """Run ``onnx_model`` (bytes or a file) once in ONNX Runtime (CPU) on ``img``, compare with
     ``module(img)``: the relative error (max |diff| / max |torch|) for float outputs, the
-    share of differing pixels for argmax; None when onnxruntime is not installed."""
+    share of differing pixels for argmax. With ``fused_ops``, the session serves the
+    ``com.ocrkernels`` nodes (:func:`ocrkernels.onnxruntime_library`). None when onnxruntime
+    (or, with ``fused_ops``, onnxruntime-extensions) is not installed."""
     try:
         import onnxruntime as ort
+
+        library = onnx_ops.onnxruntime_library() if fused_ops else None
     except ImportError:
         return None
     if not isinstance(onnx_model, bytes):
         onnx_model = str(onnx_model)
-    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if library is not None:
+        options.register_custom_ops_library(library)
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: img.numpy()})[0])
     return _compare(got, module, img, "ONNX Runtime")
 
