@@ -68,6 +68,34 @@ def test_conv_relu_is_the_convolution(relu):
     assert rel_err(got_sum, torch.relu(want + residual)) <= 1e-6
 
 
+def test_private_shortcuts_are_overwritten_and_shared_inputs_are_not():
+    """The last convolution may write over a private shortcut map (in-place sum) with the
+    same bits as the fresh-output form; a block input that is not private is left alone."""
+    layer = nn.Sequential(Bottleneck(8, 4, stride=2, downsample=_downsample(8, 16, 2)),
+                          Bottleneck(16, 4), Bottleneck(16, 4))
+    layer = _randomise(layer)
+    x = torch.randn(1, 8, 17, 20).contiguous(memory_format=CL)
+    with torch.no_grad():
+        want = layer(x)
+        fold_batchnorm(layer)
+        fuse_backbone(layer)
+        layer = layer.to(memory_format=CL)
+        assert [b.input_is_private for b in layer] == [False, True, True]
+        kept = x.clone()
+        got = layer(x)
+        assert torch.equal(x, kept)  # the layer's own input: read, never written
+        # Bit for bit the fresh-output form (every block without the private flag).
+        block = layer[1]
+        inp = layer[0](x)
+        block.input_is_private = False
+        fresh = block(inp)
+        assert torch.equal(inp, layer[0](x))
+        block.input_is_private = True
+        same = block(inp)  # writes over inp, returns it
+        assert same.data_ptr() == inp.data_ptr() and torch.equal(same, fresh)
+    assert rel_err(got, want) <= 1e-6
+
+
 def test_fuse_backbone_replaces_every_block_and_keeps_the_function():
     model = _randomise(build_segmentor("ocrnet_hr18s_4xb2-40k_cityscapes-512x1024", fused=False))
     x = torch.randn(1, 3, 64, 96)

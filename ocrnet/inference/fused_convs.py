@@ -60,7 +60,12 @@ class ConvReLU(nn.Module):
         # that input: see _weight_for.
         self._packed: dict[tuple, Tensor] = {}
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None,
+                accumulate: bool = False) -> Tensor:
+        """``relu?(conv(x) [+ residual])``. ``accumulate``: the residual is a map nobody else
+        reads (a fresh shortcut, or a block input only this block sees), so the fast path may
+        write the result over it (oneDNN's in-place sum: no fresh output map, 5-15% faster at
+        ResNet-D8's 1x1 widths); the caller must use the return value."""
         if backends.exporting_onnx() or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and (
                     x.requires_grad or self.weight.requires_grad
@@ -78,6 +83,9 @@ class ConvReLU(nn.Module):
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, *args, "relu" if self.relu else "none", [], "")
+        if accumulate and residual.is_contiguous(memory_format=torch.channels_last):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, weight, self.bias, *args, "add", 1.0, "relu", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, self.bias, *args, "add", None, "relu", [], "")
 
@@ -117,10 +125,16 @@ class ConvReLU(nn.Module):
 
 class FusedResidualBlock(nn.Module):
     """A folded BasicBlock or Bottleneck: its convolutions in order, the first ones with ReLU,
-    the last adding the shortcut (``downsample`` when the block has one) and applying ReLU."""
+    the last adding the shortcut (``downsample`` when the block has one) and applying ReLU.
 
-    def __init__(self, block: BasicBlock | Bottleneck):
+    The last convolution writes its result over the shortcut's map when that map is private: a
+    fresh ``downsample`` output, or the block's input when ``input_is_private`` (a block after
+    the first in a Sequential of blocks, whose input is the previous block's output and read by
+    this block only; a forward hook that keeps such an input sees it overwritten)."""
+
+    def __init__(self, block: BasicBlock | Bottleneck, input_is_private: bool = False):
         super().__init__()
+        self.input_is_private = input_is_private
         convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck)
                                               else [])
         self.convs = nn.ModuleList([ConvReLU(c, relu=True) for c in convs])
@@ -131,9 +145,10 @@ class FusedResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        private = self.downsample is not None or self.input_is_private
         for conv in self.convs[:-1]:
             x = conv(x)
-        return self.convs[-1](x, identity)
+        return self.convs[-1](x, identity, accumulate=private)
 
 
 def _folded_conv(seq: nn.Module) -> nn.Conv2d:
@@ -180,12 +195,18 @@ def fuse_backbone(backbone: nn.Module) -> int:
     stack = [backbone]
     while stack:
         module = stack.pop()
+        previous = None
         for name, child in list(module.named_children()):
             if isinstance(child, (BasicBlock, Bottleneck)):
-                setattr(module, name, FusedResidualBlock(child))
+                # In a Sequential, a block's input is the previous child's output, which only
+                # this block reads when that child is a residual block too.
+                private = isinstance(module, nn.Sequential) and isinstance(
+                    previous, (BasicBlock, Bottleneck, FusedResidualBlock))
+                setattr(module, name, FusedResidualBlock(child, input_is_private=private))
                 count += 1
             else:
                 if isinstance(child, nn.Sequential):
                     count += _fuse_sequential(child)
                 stack.append(child)
+            previous = child
     return count
