@@ -4,16 +4,24 @@
 #               and print the kernel benchmark table at small shapes
 #   make test   same set-up, then the whole test suite
 #   make bench  the kernel benchmark (bench/run.py), fused against the eager reference
+#   make gpu-check  on a CUDA machine with torch, Triton and nvcc installed (no network): build
+#               the extension in place, pytest -m cuda, the kernel and model benchmarks and a
+#               short bf16 training run, with $(GPU_PY) as it is (no venv, no pip); writes
+#               report.md / report.json to $OUT or gpu_check/ (tools/gpu_check.py --help;
+#               GPU_CHECK_ARGS="--dry-run" runs the same steps on the CPU at tiny sizes)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0; on a GPU machine pick the matching CUDA build, e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
+# gpu-check runs with the environment's own python (torch, Triton, nvcc already installed).
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.extension-built
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(BUILT)
 
@@ -38,6 +46,10 @@ bench: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
+
+# No prerequisites: nothing is created or installed (the GPU machine has no network).
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build ocrkernels/_C*.so $(BUILT)

@@ -26,8 +26,9 @@ _onednn_registered = False
 
 
 def _register_onednn_formulas() -> None:
-    """FLOP formulas for oneDNN's fused convolutions (``torch.ops.mkldnn._convolution_pointwise``
-    and its ``binary`` overload, which the fast path's backbone runs,
+    """FLOP formulas for oneDNN's fused convolutions (``torch.ops.mkldnn._convolution_pointwise``,
+    its ``binary`` overload and the in-place ``_convolution_pointwise_.binary``, which the fast
+    path's backbone runs,
     ``ocrnet/inference/fused_convs.py``): the convolution's count, the fused ReLU and sum not
     counted, like the unfused modules' ReLU and sum. Once; nothing where torch lacks the ops."""
     global _onednn_registered
@@ -37,13 +38,18 @@ def _register_onednn_formulas() -> None:
 
     _onednn_registered = True
 
-    # One formula for the packet, which covers both overloads: default (X, W, B, ...) and
-    # binary (X, other, W, B, ...): the weight is the third argument when that is 4-d (a bias
-    # is 1-d or None).
-    @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
-    def _(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
+    # One formula for the packets, which covers every overload: default (X, W, B, ...),
+    # binary (X, other, W, B, ...) and the in-place binary (other, X, W, B, ...) of
+    # _convolution_pointwise_: the weight is the third argument when that is 4-d (a bias is
+    # 1-d or None); the first argument has the input's batch size either way, and the count
+    # reads only the batch size from it.
+    def formula(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
         w_shape = third if third is not None and len(third) == 4 else second
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    register_flop_formula(torch.ops.mkldnn._convolution_pointwise)(formula)
+    if hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):
+        register_flop_formula(torch.ops.mkldnn._convolution_pointwise_)(formula)
 
 # The top-level parts of an OCRNet, the keys (with "total") of the counts returned here.
 PARTS = ("backbone", "aux_head", "ocr_head")
