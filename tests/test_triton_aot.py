@@ -3,10 +3,12 @@
 ``ocrkernels.triton.aot`` compiles every kernel x every autotune config x every dtype (and the
 class-count specialisations that change the code) with ``triton.compile`` for
 ``GPUTarget("cuda", 80, 32)`` and ``GPUTarget("cuda", 90, 32)``, down to a cubin, and checks the
-shared memory against each target's limit. The compiles run in worker processes started
+shared memory against each target's limit; each result carries ptxas's registers per thread and
+spill bytes and the warps per SM they allow (``--max-spill BYTES`` makes spills fail). The compiles run in worker processes started
 without TRITON_INTERPRET (this process imports Triton for the interpreter). It takes about
 four minutes on 2 cores with an empty Triton cache (204 compiles, 136 of them the training
-kernels' modes), seconds once the cache holds them; ``python -m ocrkernels.triton.aot`` runs
+kernels' modes), about a minute with the Triton cache but not ptxas -v's (cached beside it,
+ocrkernels-ptxas/), seconds once both hold them; ``python -m ocrkernels.triton.aot`` runs
 the same check by hand.
 """
 
@@ -43,6 +45,28 @@ def test_every_kernel_config_and_dtype_compiles_for_sm80_and_sm90():
     assert not failed, "\n".join(failed)
     for r in results:
         assert "cubin" in r.stages and 0 <= r.shared <= aot.SHARED_LIMIT[r.job.target]
+        # ptxas -v's registers and spills, and the occupancy they allow, for every job
+        assert 0 < r.registers <= aot.MAX_REGISTERS and r.spill >= 0
+        assert 0 < r.warps_per_sm <= aot.MAX_WARPS_PER_SM and r.warps_per_sm % r.num_warps == 0
+
+
+def test_register_and_spill_report_and_the_max_spill_limit():
+    """ptxas -v parsing, the occupancy arithmetic, and --max-spill failing a spilling job (the
+    elementwise BatchNorm kernel with a 256x256 block, 256 float64 elements per thread)."""
+    log = ("ptxas info    : Function properties for k\n    24 bytes stack frame, 16 bytes spill "
+           "stores, 8 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers")
+    assert aot._parse_ptxas(log) == dict(registers=255, stack=24, spill_stores=16,
+                                         spill_loads=8)
+    assert aot.occupancy(255, 4, 0, "sm_90") == 8  # 8192 registers per warp
+    assert aot.occupancy(32, 4, 0, "sm_80") == 64  # capped at 64 warps
+    assert aot.occupancy(64, 8, 100 * 1024, "sm_90") == 16  # two blocks fit the shared memory
+    job = aot.Job("train_bn", "default", 0, "fp64", "apply", "sm_90",
+                  override=(("BLOCK_M", 256), ("BLOCK_N", 256)))
+    (r,) = aot.run_check([job], processes=1)
+    assert r.ok and r.spill > 0  # (ptxas gives up here: 32 registers, 57 KB of spills)
+    (r,) = aot.limit_spill([r], 0)
+    assert not r.ok and "--max-spill allows 0" in r.error
+    assert aot.summary([r])["sm_90"]["spilling"] == 1
 
 
 def test_a_dot_below_16_is_rejected_by_the_compiler_but_not_by_the_interpreter(monkeypatch):

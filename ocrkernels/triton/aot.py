@@ -6,7 +6,11 @@ mixed dtypes, a constexpr used as a runtime value. This module runs ``triton.com
 kernel of :mod:`.kernels` for each entry of ``configs.CONFIGS`` (the autotune space) and each input
 dtype, down to a cubin (ptxas included), for ``GPUTarget("cuda", 80, 32)`` (A100) and
 ``GPUTarget("cuda", 90, 32)`` (H100), and checks the shared memory each needs against the
-target's per-block limit.
+target's per-block limit. For each compile it also reports what ptxas made of the kernel:
+registers per thread, spill bytes (spill stores + spill loads, ``ptxas -v`` on the job's PTX
+for its own arch, the options Triton's make_cubin uses), the shared memory, and the warps per
+SM that the registers and the shared memory allow (:func:`occupancy`). ``--max-spill BYTES``
+fails every job that spills more than that (default: report only).
 
 Specialisations compiled: integer arguments as i32 (every size and stride below 2^31; the
 kernels form their offsets in int64 anyway), pointers 16-byte aligned (what torch allocates),
@@ -23,8 +27,10 @@ status is 1 when anything fails. ``tests/test_triton_aot.py`` runs the same chec
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,11 +40,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TARGETS", "SHARED_LIMIT", "Job", "Result", "jobs", "compile_job", "run_check"]
+__all__ = ["TARGETS", "SHARED_LIMIT", "Job", "Result", "jobs", "compile_job", "run_check",
+           "ptxas_usage", "occupancy", "limit_spill", "summary"]
 
 # (backend, capability, warp size) of the targets and their opt-in shared memory per block
 TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32)}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+# per SM: shared memory (the per-block limit + 1 KiB the runtime reserves per block), 32-bit
+# registers, resident warps and blocks (the same on both targets)
+SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
+SHARED_RESERVED = 1024
+REGISTERS_PER_SM = 65536
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+MAX_REGISTERS = 255
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -94,6 +110,98 @@ class Result:
     shared: int | None = None
     error: str = ""
     stages: list = field(default_factory=list)
+    # ptxas -v: registers per thread, spill stores + loads in bytes, stack frame in bytes
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack: int | None = None
+    num_warps: int | None = None
+    # resident warps per SM that the registers and the shared memory allow (whole blocks)
+    warps_per_sm: int | None = None
+
+    @property
+    def spill(self) -> int | None:
+        """Spill bytes, stores + loads (None when not measured)."""
+        if self.spill_stores is None or self.spill_loads is None:
+            return None
+        return self.spill_stores + self.spill_loads
+
+
+_RESULT_FIELDS = ("ok", "seconds", "shared", "error", "stages", "registers", "spill_stores",
+                  "spill_loads", "stack", "num_warps", "warps_per_sm")
+
+
+def occupancy(registers: int, num_warps: int, shared: int, target: str) -> int:
+    """Resident warps per SM for blocks of `num_warps` warps using `registers` per thread and
+    `shared` bytes of shared memory: whole blocks, limited by 65536 registers per SM (allocated
+    per warp in units of 256), the shared memory per SM, 64 warps and 32 blocks."""
+    per_warp = -(-max(registers, 1) * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    blocks = min(REGISTERS_PER_SM // per_warp // num_warps, MAX_WARPS_PER_SM // num_warps,
+                 MAX_BLOCKS_PER_SM)
+    if shared:
+        blocks = min(blocks, SHARED_PER_SM[target] // (shared + SHARED_RESERVED))
+    return blocks * num_warps
+
+
+def _ptxas_command(ptx: str) -> list[str]:
+    """ptxas -v for `ptx`'s own target (``.target sm_90a`` for capability 90), with the options
+    of Triton's make_cubin (line info, register allocation level 2)."""
+    from triton import knobs
+
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if target is None:
+        raise RuntimeError("no .target in the PTX")
+    return [knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+            f"--gpu-name={target.group(1)}"]
+
+
+def _parse_ptxas(log: str) -> dict:
+    """Registers, spill stores / loads and stack frame from a ``ptxas -v`` log (one kernel)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+                      r"spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"cannot parse the ptxas -v output: {log.strip()[-300:]}")
+    return dict(registers=int(regs.group(1)), stack=int(spill.group(1)),
+                spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)))
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers per thread, spill stores / loads and stack frame (bytes) of the kernel in
+    `ptx`, from ``ptxas -v`` for the PTX's own target. Results are cached next to Triton's
+    cache, keyed by the PTX and the ptxas command (a cached compile has no ptxas log)."""
+    with_cmd = _ptxas_command(ptx)
+    key = hashlib.sha256((" ".join(with_cmd) + "\n" + ptx).encode()).hexdigest()
+    try:
+        from triton import knobs
+
+        base = Path(knobs.cache.dir)
+    except Exception:  # noqa: BLE001 - no cache directory: measure every time
+        base = Path.home() / ".triton" / "cache"
+    cache = base / "ocrkernels-ptxas" / f"{key}.json"
+    if cache.exists():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([*with_cmd, str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                             capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed ({run.returncode}): {run.stderr.strip()[-300:]}")
+    usage = _parse_ptxas(run.stdout + run.stderr)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp_file.write_text(json.dumps(usage))
+        tmp_file.replace(cache)
+    except OSError:
+        pass
+    return usage
 
 
 def _sig(dtype: torch.dtype) -> str:
@@ -248,7 +356,10 @@ def compile_job(job: Job) -> Result:
         if shared > SHARED_LIMIT[job.target]:
             raise RuntimeError(f"needs {shared} bytes of shared memory, {job.target} allows "
                                f"{SHARED_LIMIT[job.target]} per block")
-        return Result(job, True, time.perf_counter() - start, shared, stages=stages)
+        usage = ptxas_usage(compiled.asm["ptx"])
+        warps = occupancy(usage["registers"], cfg.num_warps, shared, job.target)
+        return Result(job, True, time.perf_counter() - start, shared, stages=stages,
+                      num_warps=cfg.num_warps, warps_per_sm=warps, **usage)
     except Exception as exc:  # noqa: BLE001 - the compiler raises many types
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         message = f"{type(exc).__name__}: " + (" | ".join(lines[-6:]) if lines else "")
@@ -293,8 +404,7 @@ def run_check(job_list: list[Job], processes: int | None = None) -> list[Result]
             if proc.returncode != 0:
                 raise RuntimeError(f"exit status {proc.returncode}")
             for i, raw in zip(group, json.loads(out)):
-                results[i] = Result(job_list[i], raw["ok"], raw["seconds"], raw["shared"],
-                                    raw["error"], raw["stages"])
+                results[i] = Result(job_list[i], **{k: raw[k] for k in _RESULT_FIELDS})
         except Exception as exc:  # noqa: BLE001 - a worker that died is a failed check
             tail = " | ".join(err.strip().splitlines()[-5:])
             for i in group:
@@ -310,10 +420,52 @@ def _worker() -> int:
     out = []
     for job in jobs_in:
         r = compile_job(job)
-        out.append(dict(ok=r.ok, seconds=r.seconds, shared=r.shared, error=r.error,
-                        stages=r.stages))
+        out.append({k: getattr(r, k) for k in _RESULT_FIELDS})
     json.dump(out, sys.stdout)
     return 0
+
+
+def limit_spill(results: list[Result], max_spill: int | None) -> list[Result]:
+    """Fail (in place) every compiled result that spills more than `max_spill` bytes (stores +
+    loads); None: report only. Returns `results`."""
+    if max_spill is None:
+        return results
+    for r in results:
+        if r.ok and r.spill is not None and r.spill > max_spill:
+            r.ok = False
+            r.error = (f"spills {r.spill_stores} + {r.spill_loads} bytes (stores + loads) at "
+                       f"{r.registers} registers, --max-spill allows {max_spill}")
+    return results
+
+
+def summary(results: list[Result]) -> dict:
+    """Per target: compiled jobs, how many spill, total spill bytes, how many sit at the
+    255-register cap, the worst spill (job and bytes)."""
+    out = {}
+    for target in sorted({r.job.target for r in results}):
+        mine = [r for r in results if r.job.target == target and r.spill is not None]
+        spilling = [r for r in mine if r.spill > 0]
+        worst = max(mine, key=lambda r: r.spill, default=None)
+        out[target] = dict(compiled=len(mine), spilling=len(spilling),
+                           spill_bytes=sum(r.spill for r in mine),
+                           at_register_cap=sum(r.registers >= MAX_REGISTERS for r in mine),
+                           worst=(f"{worst.job.describe()}: {worst.spill} B"
+                                  if worst is not None and worst.spill else ""))
+    return out
+
+
+def _row(r: Result) -> dict:
+    cfg = None
+    try:
+        from . import configs
+
+        tiles = configs.CONFIGS[r.job.kernel][r.job.regime][r.job.config]
+        cfg = dict(tiles.kwargs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        cfg.update(dict(r.job.override))
+    except (KeyError, IndexError):
+        pass
+    return dict(asdict(r.job), config_values=cfg, **{k: getattr(r, k) for k in _RESULT_FIELDS},
+                spill=r.spill)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,22 +477,41 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list (default: all)")
+    p.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
+                   help="fail every job spilling more than BYTES (stores + loads; "
+                        "default: report only)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write every result and the summary as JSON to PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:  # jobs on stdin, results on stdout (run_check's workers)
         return _worker()
     todo = jobs(args.kernels.split(","), args.dtypes.split(","), args.targets.split(","))
     start = time.perf_counter()
-    results = run_check(todo, args.jobs)
+    results = limit_spill(run_check(todo, args.jobs), args.max_spill)
+    wall = time.perf_counter() - start
     failed = [r for r in results if not r.ok]
+    print(f"{'':4s} {'job':48s} {'smem B':>7s} {'regs':>4s} {'spill B':>7s} {'warps/SM':>8s} "
+          f"{'time':>7s}")
     for r in results:
         status = "ok  " if r.ok else "FAIL"
-        shared = f"{r.shared:7d} B smem" if r.shared is not None else " " * 12
-        print(f"{status} {r.job.describe():48s} {shared} {r.seconds:6.2f} s"
-              + ("" if r.ok else f"\n     {r.error}"))
+        shared = f"{r.shared:7d}" if r.shared is not None else " " * 7
+        regs = f"{r.registers:4d}" if r.registers is not None else " " * 4
+        spill = f"{r.spill:7d}" if r.spill is not None else " " * 7
+        occ = f"{r.warps_per_sm:8d}" if r.warps_per_sm is not None else " " * 8
+        print(f"{status} {r.job.describe():48s} {shared} {regs} {spill} {occ} "
+              f"{r.seconds:6.2f}s" + ("" if r.ok else f"\n     {r.error}"))
+    totals = summary(results)
+    for target, t in totals.items():
+        print(f"{target}: {t['spilling']}/{t['compiled']} spill, {t['spill_bytes']} bytes in all, "
+              f"{t['at_register_cap']} at {MAX_REGISTERS} registers"
+              + (f"; worst {t['worst']}" if t["worst"] else ""))
     print(f"{len(results) - len(failed)}/{len(results)} compiled for "
-          f"{', '.join(sorted({r.job.target for r in results}))} in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{', '.join(sorted({r.job.target for r in results}))} in {wall:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            results=[_row(r) for r in results], summary=totals, seconds=wall,
+            max_spill=args.max_spill), indent=1))
     return 1 if failed else 0
 
 

@@ -45,7 +45,7 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
     "gather_partials": {
         "default": [
             _cfg(4, 3, BLOCK_K=32, BLOCK_C=64, BLOCK_N=64),
-            _cfg(8, 3, BLOCK_K=64, BLOCK_C=128, BLOCK_N=64),
+            _cfg(8, 2, BLOCK_K=64, BLOCK_C=128, BLOCK_N=32),
         ],
         "fp64": [_cfg(4, 2, BLOCK_K=32, BLOCK_C=32, BLOCK_N=32)],
     },
@@ -57,7 +57,7 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
             _cfg(4, 3, BLOCK_C=32, BLOCK_N=64),
             _cfg(8, 3, BLOCK_C=64, BLOCK_N=64),
         ],
-        "large_k": [_cfg(8, 2, BLOCK_C=32, BLOCK_N=32)],
+        "large_k": [_cfg(8, 1, BLOCK_C=16, BLOCK_N=16)],
         "fp64": [_cfg(4, 1, BLOCK_C=16, BLOCK_N=16)],
     },
     "gather_softmax_backward": {
@@ -95,7 +95,7 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
         "fp64": [_cfg(4, 1, BLOCK_M=32, BLOCK_J=32, BLOCK_N=16)],
     },
     "train_bn": {
-        "default": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=128)],
+        "default": [_cfg(8, 1, BLOCK_M=16, BLOCK_N=128)],
     },
 }
 
