@@ -58,29 +58,35 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
             _cfg(8, 3, BLOCK_C=64, BLOCK_N=64),
         ],
         "large_k": [_cfg(8, 1, BLOCK_C=16, BLOCK_N=16)],
+        # float32 runs its dots as tf32x3 (two operand halves, three products): its own tiles
+        "fp32": [
+            _cfg(8, 1, BLOCK_C=16, BLOCK_N=32),
+            _cfg(8, 2, BLOCK_C=32, BLOCK_N=32),
+        ],
+        "fp32_large_k": [_cfg(8, 1, BLOCK_C=32, BLOCK_N=16)],
         "fp64": [_cfg(4, 1, BLOCK_C=16, BLOCK_N=16)],
     },
     "gather_softmax_backward": {
         "default": [_cfg(4, 1, BLOCK_K=16, BLOCK_N=128)],
     },
     "attention_eval": {
-        "small_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_C=32, BLOCK_D=32, BLOCK_CO=512)],
+        "small_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_C=16, BLOCK_D=32, BLOCK_CO=256)],
         "large_k": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=32, BLOCK_D=32, BLOCK_CO=256)],
-        "fp32": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=32, BLOCK_CO=256)],
+        "fp32": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_CO=128)],
         "fp64": [_cfg(4, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_CO=128)],
     },
     # training-mode attention: one config per regime (each is compiled for every constexpr
     # mode the launch code uses, see .aot.MODES); the pixel block of every kernel but
     # train_wgrad shapes its per-block statistics partials, so a regime's configs share it
     "train_gemm": {
-        "default": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_J=64)],
-        "fp32": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_J=32)],
+        "default": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_J=64)],
+        "fp32": [_cfg(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_J=16)],
         "fp64": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_J=16)],
     },
     "train_attention": {
         "small_k": [_cfg(4, 1, BLOCK_N=64, BLOCK_D=32, BLOCK_C=64)],
         "large_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=32, BLOCK_C=32)],
-        "fp32": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=32, BLOCK_C=32)],
+        "fp32": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=16, BLOCK_C=16)],
         "fp64": [_cfg(4, 1, BLOCK_N=16, BLOCK_D=16, BLOCK_C=16)],
     },
     "train_attention_bwd": {
@@ -90,8 +96,8 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
         "fp64": [_cfg(4, 1, BLOCK_N=16, BLOCK_C=16)],
     },
     "train_wgrad": {
-        "default": [_cfg(4, 3, BLOCK_M=64, BLOCK_J=64, BLOCK_N=64)],
-        "fp32": [_cfg(4, 2, BLOCK_M=64, BLOCK_J=64, BLOCK_N=32)],
+        "default": [_cfg(8, 3, BLOCK_M=64, BLOCK_J=64, BLOCK_N=32)],
+        "fp32": [_cfg(8, 2, BLOCK_M=64, BLOCK_J=64, BLOCK_N=16)],
         "fp64": [_cfg(4, 1, BLOCK_M=32, BLOCK_J=32, BLOCK_N=16)],
     },
     "train_bn": {
@@ -113,10 +119,13 @@ LARGE_K = 64
 
 def regime(kernel: str, dtype, k_pad: int) -> str:
     """The config set of `kernel` for inputs of torch dtype `dtype` and classes padded to
-    `k_pad` (a key of CONFIGS[kernel])."""
+    `k_pad` (a key of CONFIGS[kernel]). float32 uses "fp32_large_k" above LARGE_K where a
+    kernel has one, else "fp32" for every class count."""
     sets = CONFIGS[kernel]
     if dtype == torch.float64 and "fp64" in sets:
         return "fp64"
+    if dtype == torch.float32 and "fp32_large_k" in sets and k_pad > LARGE_K:
+        return "fp32_large_k"
     if dtype == torch.float32 and "fp32" in sets:
         return "fp32"
     if "large_k" in sets:
