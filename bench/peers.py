@@ -100,24 +100,23 @@ def _onnxruntime_peer(eager: nn.Module, example: Tensor) -> tuple[nn.Module, str
     from ocrnet.models.segmentor import OCRNet
 
     threads = torch.get_num_threads()
-    if isinstance(eager, OCRNet):
-        # The best plain ONNX we know for an OCRNet: what `ocrnet export` writes (BatchNorm
-        # folded, standard operators only), a few percent faster in ONNX Runtime than the
-        # export of the eager model.
-        from ocrnet.inference.export import onnx_bytes
+    try:  # both exports use the dynamo exporter, which needs onnxscript
+        if isinstance(eager, OCRNet):
+            # The best plain ONNX we know for an OCRNet: what `ocrnet export` writes (BatchNorm
+            # folded, standard operators only), a few percent faster in ONNX Runtime than the
+            # export of the eager model.
+            from ocrnet.inference.export import onnx_bytes
 
-        data, _ = _quiet_export(onnx_bytes, eager, tuple(example.shape[2:]))
-        return _session(data), (f"ONNX Runtime {ort.__version__} (CPU EP, {threads} threads, "
-                                "all graph optimisations) on the `ocrnet export` ONNX file "
-                                "(standard operators, BatchNorm folded)")
-    try:
-        program = _quiet_export(torch.onnx.export, eager, (example,), dynamo=True,
-                                optimize=True, verbose=False)
-    except ImportError as exc:  # the dynamo exporter needs onnxscript
+            data, _ = _quiet_export(onnx_bytes, eager, tuple(example.shape[2:]))
+            source = "the `ocrnet export` ONNX file (standard operators, BatchNorm folded)"
+        else:
+            data = _quiet_export(torch.onnx.export, eager, (example,), dynamo=True,
+                                 optimize=True, verbose=False).model_proto.SerializeToString()
+            source = "the torch.onnx (dynamo) export"
+    except ImportError as exc:
         raise PeerUnavailable(f"ONNX export needs onnxscript ({exc})") from None
-    return (_session(program.model_proto.SerializeToString()),
-            f"ONNX Runtime {ort.__version__} (CPU EP, {threads} threads, all graph "
-            "optimisations) on the torch.onnx (dynamo) export")
+    return _session(data), (f"ONNX Runtime {ort.__version__} (CPU EP, {threads} threads, all "
+                            f"graph optimisations) on {source}")
 
 
 def build_onnxruntime_fused(eager: nn.Module, example: Tensor) -> tuple[nn.Module, str]:

@@ -21,8 +21,9 @@ While ``torch.onnx.export`` runs (either exporter), every backend name resolves 
 ``reference`` too: the exported file holds standard ONNX operators that compute the
 reference's function, and runs in any ONNX runtime. Meta tensors (shape inference without
 data) carry no numbers, so every backend name resolves to ``reference`` on them: the same
-output shapes and dtypes, whatever backend the real call would run. Under ``FakeTensorMode`` the fake tensors keep their device and take the real
-dispatch, through the ops' registered fake implementations.
+output shapes and dtypes, whatever backend the real call would run. Under ``FakeTensorMode``
+the fake tensors keep their device and take the real dispatch, through the ops' registered
+fake implementations.
 
 Within the PyTorch training chain (:mod:`ocrkernels.attention_train`) and the batch
 statistics (:mod:`ocrkernels.batchnorm`), single steps run a compiled op where one exists for

@@ -59,10 +59,8 @@ PARAMETER_NAMES = ("bottleneck_w", "bottleneck_b", "query_w1", "query_b1", "quer
 
 
 def _check(feats: Tensor, coarse_logits: Tensor, params: tuple[Tensor, ...]) -> None:
-    """ValueError naming the first argument whose shape or dtype does not fit."""
-    if len(params) != len(PARAMETER_NAMES):
-        raise ValueError(f"ocr_head_eval: expected {len(PARAMETER_NAMES)} parameter tensors "
-                         f"({', '.join(PARAMETER_NAMES)}), got {len(params)}")
+    """ValueError naming the first argument whose shape or dtype does not fit (the count of
+    ``params`` is the op signature's, checked by :func:`ocr_head_eval`)."""
     if feats.dim() != 4:
         raise ValueError(f"ocr_head_eval: feats must have shape (B, Cin, H, W), got "
                          f"{tuple(feats.shape)}")
@@ -169,9 +167,10 @@ def _fused(feats: Tensor, coarse_logits: Tensor, params: tuple[Tensor, ...],
 
 
 def _fused_applies(feats: Tensor) -> bool:
-    return (feats.dtype in (torch.float32, torch.float64) and not backends.reference_forced()
-            and backends.resolve_backend("auto", feats.device) == "cpu"
-            and backends.CPU_WINOGRAD_KERNEL)
+    """The CPU kernels run: ``auto`` resolves to them (not forced to the reference, not during
+    an ONNX export) and the Winograd bottleneck takes these maps (float32/float64 CPU)."""
+    return (backends.resolve_backend("auto", feats.device) == "cpu"
+            and backends.compiled_winograd(feats))
 
 
 def _run(feats: Tensor, coarse_logits: Tensor, params: tuple[Tensor, ...],

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.machinery
+import importlib.util
 import json
 import math
 import os
@@ -507,29 +508,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def _load_fileio():
+    """The project's atomic writer, ``ocrnet/utils/fileio.py`` (standard library only), loaded
+    from its file: importing the ``ocrnet`` package would load the ``ocrkernels`` extension
+    that the build step then replaces in place."""
+    spec = importlib.util.spec_from_file_location(
+        "_gpu_check_fileio", REPO / "ocrnet" / "utils" / "fileio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_fileio = _load_fileio()
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    write_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=True) + "\n")
-    write_atomic(out / "report.md", render_markdown(report))
+    _fileio.write_text_atomic(out / "report.json",
+                              json.dumps(report, indent=1, allow_nan=True) + "\n")
+    _fileio.write_text_atomic(out / "report.md", render_markdown(report))
 
 
 # -- command line ----------------------------------------------------------------------------
