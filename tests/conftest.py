@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, computed in float64."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def run_models_bench(folder: Path, *args: str, timeout: float
+                     ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``bench/models.py --quick --models hr18s --warmup 0 --threads 1 ARGS --json`` in
+    ``folder``: (the finished process, asserted successful; its JSON rows). One thread: with
+    two, a benchmark sharing the two cores makes OpenMP spin (4-5x slower)."""
+    out = folder / "models.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "models.py"), "--quick", "--models", "hr18s",
+         "--warmup", "0", "--threads", "1", *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=timeout, cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
 
 
 def shared_path(*parts: str) -> Path:

@@ -4,13 +4,12 @@ backbone, ``ocrnet.inference`` and the whole-model benchmark's smoke test."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED, rel_err, shared_path
+from conftest import SHARED, rel_err, run_models_bench, shared_path
 from test_modules import randomise_batchnorm
 from torch import nn
 
@@ -280,16 +279,8 @@ def test_inference_bad_model():
 
 @needs_ext
 def test_models_bench_smoke(tmp_path):
-    # One thread: with two, a benchmark sharing the two cores makes OpenMP spin (4-5x slower).
-    out = tmp_path / "models.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "models.py"), "--quick", "--models", "hr18s",
-         "--images", "2", "--warmup", "0", "--threads", "1", "--peers", "none",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc, rows = run_models_bench(tmp_path, "--images", "2", "--peers", "none", timeout=120)
     assert "| model | path | fps | median s | vs eager |" in proc.stdout
-    rows = json.loads(out.read_text())
     assert [(r["model"], r["path"]) for r in rows] == [("hr18s", "eager"), ("hr18s", "fast")]
     for r in rows:
         assert r["shape"] == [1, 3, 256, 512] and r["images"] == 2 and r["warmup"] == 0

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, run_models_bench
 from torch import nn
 
 import ocrkernels
@@ -149,20 +149,9 @@ def test_results_are_arrays_for_the_hook():
 def test_models_bench_times_the_fused_onnx_runtime_row(tmp_path):
     """bench/models.py with the onnxruntime peer adds our deployment row, ``ort-fused``, and
     its ratio to plain ONNX Runtime in the same run."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    out = tmp_path / "models.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "models.py"), "--quick", "--models", "hr18s",
-         "--images", "1", "--warmup", "0", "--threads", "1", "--peers", "onnxruntime",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = {r["path"]: r for r in json.loads(out.read_text())}
+    proc, rows = run_models_bench(tmp_path, "--images", "1", "--peers", "onnxruntime",
+                                  timeout=600)
+    rows = {r["path"]: r for r in rows}
     assert list(rows) == ["eager", "fast", "onnxruntime", "ort-fused"]
     fused = rows["ort-fused"]
     assert fused["rel_err_vs_eager"] <= TOL and fused["argmax_agreement"] >= 0.999
