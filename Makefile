@@ -5,7 +5,7 @@
 #   make test   same set-up, then the whole test suite
 #   make bench  the kernel benchmark (bench/run.py), fused against the eager reference
 #   make gpu-check  on a CUDA machine with torch, Triton and nvcc installed (no network): build
-#               the extension in place, pytest -m cuda, the kernel and model benchmarks and a
+#               the extension in place, pytest -m gpu, the kernel and model benchmarks and a
 #               short bf16 training run, with $(GPU_PY) as it is (no venv, no pip); writes
 #               report.md / report.json to $OUT or gpu_check/ (tools/gpu_check.py --help;
 #               GPU_CHECK_ARGS="--dry-run" runs the same steps on the CPU at tiny sizes)

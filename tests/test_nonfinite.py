@@ -48,8 +48,8 @@ BACKENDS = [
     pytest.param("cpu", marks=needs_ext),
     pytest.param("triton", marks=pytest.mark.skipif(
         _triton_missing() is not None, reason=f"Triton is not importable: {_triton_missing()}")),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m cuda on one)")]),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m gpu on one)")]),
 ]
 
 

@@ -13,7 +13,10 @@ network: nothing is downloaded or pip-installed, every step runs with this inter
   build          ``setup.py build_ext --inplace`` against the installed torch; skipped (with a
                  note) when ``ocrkernels._C`` (and, on CUDA, ``ocrkernels._C_cuda``) already
                  loads and is newer than every file of ``csrc/`` and ``setup.py``
-  pytest-cuda    ``pytest -m cuda tests`` (the project's marker for GPU tests)
+  pytest-gpu-ops ``pytest -m gpu tests/test_gpu_ops.py`` in a process of its own (no Triton
+                 interpreter): every op x backend x dtype x mode on the GPU
+  pytest-gpu     ``pytest -m gpu tests --ignore tests/test_gpu_ops.py``: the other tests marked
+                 ``gpu`` (the CUDA rows of the non-finite grid, ...)
   bench-kernels  ``bench/run.py --device cuda --dtype float16 --shapes cityscapes,ade20k``
                  (every available backend; ``--no-compile``: the torch.compile baseline alone
                  would take minutes of the 8-minute budget)
@@ -37,8 +40,9 @@ command and parsed results: benchmark rows, the training losses), and ``logs/STE
 step's whole output.
 
 ``--dry-run`` runs the same steps on the CPU (``CUDA_VISIBLE_DEVICES`` emptied for the
-subprocesses) at tiny sizes, so that CI tests the plumbing in about a minute: ``pytest -m cuda``
-collects and skips, ``bench/run.py --quick --no-compile``, ``ocrnet bench`` of the tiny
+subprocesses) at tiny sizes, so that CI tests the plumbing in a few minutes: the op grid runs the
+Triton backend on CPU tensors through the interpreter (``OCRKERNELS_GPU_TEST_DEVICE=cpu``),
+``pytest -m gpu`` over the rest collects and skips, ``bench/run.py --quick --no-compile``, ``ocrnet bench`` of the tiny
 synthetic config at 32x64 for one image, and a 2-iteration fp32 training run of it.
 """
 
@@ -79,7 +83,7 @@ DRY_SHAPE = (32, 64)
 DRY_TRAIN_ITERS = 2
 TAIL_LINES = 40
 
-STEP_NAMES = ("build", "pytest-cuda", "bench-kernels",
+STEP_NAMES = ("build", "pytest-gpu-ops", "pytest-gpu", "bench-kernels",
               *(f"bench-{m}" for m in BENCH_MODELS), "train-hr18s")
 
 
@@ -116,6 +120,8 @@ class Step:
     check: Callable[[Context, int], Outcome]  # (context, exit status 0) -> outcome
     # optional: decides before the command whether it needs to run; an Outcome means "no"
     precheck: Callable[[Context], Outcome | None] | None = None
+    # optional: variables added to the environment of this step's command
+    env: Callable[[Context], dict[str, str]] | None = None
 
 
 def _py() -> list[str]:
@@ -193,15 +199,20 @@ def _build_check(ctx: Context, rc: int) -> Outcome:
     return Outcome(figures)
 
 
-# pytest -m cuda ---------------------------------------------------------------------------
+# pytest -m gpu ----------------------------------------------------------------------------
 
-def _pytest_command(ctx: Context) -> list[str]:
-    return _py() + ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                    f"--junitxml={ctx.work / 'pytest.xml'}", "tests"]
+GPU_OPS_TESTS = "tests/test_gpu_ops.py"
 
 
-def _pytest_check(ctx: Context, rc: int) -> Outcome:
-    root = ET.parse(ctx.work / "pytest.xml").getroot()
+def _pytest_argv(ctx: Context, name: str, *selection: str) -> list[str]:
+    return _py() + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                    f"--junitxml={ctx.work / (name + '.xml')}", *selection]
+
+
+def _junit_outcome(ctx: Context, name: str, must_pass: bool) -> Outcome:
+    """Counts and failed test ids of the step's junit XML; a problem when nothing was
+    collected, or when `must_pass` and no test passed."""
+    root = ET.parse(ctx.work / f"{name}.xml").getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     count = {k: sum(int(s.get(k, 0)) for s in suites)
              for k in ("tests", "failures", "errors", "skipped")}
@@ -211,10 +222,31 @@ def _pytest_check(ctx: Context, rc: int) -> Outcome:
     failed_ids = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
                   if c.find("failure") is not None or c.find("error") is not None]
     if count["tests"] == 0:
-        return Outcome(figures, failed_ids, problem="pytest collected no test marked cuda")
-    if not ctx.dry_run and passed == 0:
-        return Outcome(figures, failed_ids, problem="no CUDA test ran (all skipped)")
+        return Outcome(figures, failed_ids, problem="pytest collected no test marked gpu")
+    if must_pass and passed == 0:
+        return Outcome(figures, failed_ids, problem="no GPU test ran (all skipped)")
     return Outcome(figures, failed_ids)
+
+
+def _ops_command(ctx: Context) -> list[str]:
+    return _pytest_argv(ctx, "pytest-gpu-ops", GPU_OPS_TESTS)
+
+
+def _ops_env(ctx: Context) -> dict[str, str]:
+    # the dry run: the Triton backend on CPU tensors through the interpreter, tiny sizes
+    return {"OCRKERNELS_GPU_TEST_DEVICE": "cpu" if ctx.dry_run else "cuda"}
+
+
+def _ops_check(ctx: Context, rc: int) -> Outcome:
+    return _junit_outcome(ctx, "pytest-gpu-ops", must_pass=True)
+
+
+def _pytest_command(ctx: Context) -> list[str]:
+    return _pytest_argv(ctx, "pytest-gpu", "tests", "--ignore", GPU_OPS_TESTS)
+
+
+def _pytest_check(ctx: Context, rc: int) -> Outcome:
+    return _junit_outcome(ctx, "pytest-gpu", must_pass=not ctx.dry_run)
 
 
 # bench/run.py -----------------------------------------------------------------------------
@@ -342,7 +374,8 @@ def make_steps() -> list[Step]:
     steps = [
         Step("build", (420, 600), lambda ctx: _py() + ["setup.py", "build_ext", "--inplace"],
              _build_check, precheck=_build_precheck),
-        Step("pytest-cuda", (300, 120), _pytest_command, _pytest_check),
+        Step("pytest-gpu-ops", (300, 300), _ops_command, _ops_check, env=_ops_env),
+        Step("pytest-gpu", (120, 120), _pytest_command, _pytest_check),
         Step("bench-kernels", (300, 120), _kernels_command, _kernels_check),
         *(Step(f"bench-{m}", (180, 60), _model_command(m), _model_check(m))
           for m in BENCH_MODELS),
@@ -410,7 +443,8 @@ def run_step(step: Step, ctx: Context) -> dict[str, Any]:
                 return entry
         argv = step.command(ctx)
         entry["command"] = argv
-        rc, timed_out = run_command(argv, timeout, log_path, ctx.env)
+        env = ctx.env if step.env is None else {**ctx.env, **step.env(ctx)}
+        rc, timed_out = run_command(argv, timeout, log_path, env)
         entry.update(exit_code=rc, timed_out=timed_out)
         if timed_out:
             entry["problem"] = f"timed out after {timeout:.0f} s"
