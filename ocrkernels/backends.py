@@ -119,7 +119,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # The CPU kernels of the chain's GEMMs and BatchNorm-ReLU passes (csrc/ocrkernels/cpu).
 CPU_CHAIN_KERNELS = has_kernel("ocrkernels::pixel_matmul", "CPU")
 # The CUDA twins of the BatchNorm-ReLU passes (csrc/ocrkernels/cuda), where built. The GEMMs
-# stay with cuBLAS on CUDA: the CUDA pixel_matmul kernels are plain baselines.
+# stay with cuBLAS on CUDA (the pixel_matmul ops have no CUDA kernels).
 CUDA_BN_KERNELS = has_kernel("ocrkernels::bn_relu_backward_apply_inplace", "CUDA")
 # The Winograd F(4x4, 3x3) convolution of the CPU kernels (ocrkernels/winograd.py).
 CPU_WINOGRAD_KERNEL = has_kernel("ocrkernels::conv3x3_winograd", "CPU")

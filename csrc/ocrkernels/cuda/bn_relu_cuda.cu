@@ -1,12 +1,11 @@
-// Training-mode BatchNorm + ReLU passes and the 1x1-convolution GEMM of the training-mode
-// attention on CUDA (schemas in ops.cpp; CPU twins in cpu/bn_relu_cpu.cpp and
-// cpu/pixel_matmul_cpu.cpp). The per-element arithmetic is common/bn_relu.h (bn_act rounds
-// exactly as on the CPU, so the ReLU masks agree with the CPU's bit for bit) and the statistics
-// merge common/bn_stats.h. Reductions: one block per (image, channel) row writes its partial
+// Training-mode BatchNorm + ReLU passes of the training-mode attention on CUDA (schemas in
+// ops.cpp; CPU twins in cpu/bn_relu_cpu.cpp). The chain's GEMMs run in cuBLAS (torch.matmul in
+// ocrkernels/attention_train.py): the pixel_matmul ops have CPU kernels only. The per-element
+// arithmetic is common/bn_relu.h (bn_act rounds exactly as on the CPU, so the ReLU masks agree
+// with the CPU's bit for bit) and the statistics merge common/bn_stats.h. Reductions: one block per (image, channel) row writes its partial
 // from a fixed-shape tree; the rows of a channel are then combined in batch order. The in-place
-// twins (bn_relu_inplace, bn_relu_backward_apply_inplace) and pixel_matmul_into write into a
-// contiguous map the caller owns; pixel_matmul_nt reduces over pixels in fixed-size splits whose
-// partials are summed in split order.
+// twins (bn_relu_inplace, bn_relu_backward_apply_inplace) write into a contiguous map the
+// caller owns.
 #include <torch/library.h>
 
 #include <tuple>
@@ -278,111 +277,6 @@ std::tuple<at::Tensor, at::Tensor> batch_var_mean_cuda(const at::Tensor& z_in) {
   return {var, mean};
 }
 
-// out (contiguous (B, M, N)) = weight . x (+ weight2 . x2).
-void pixel_matmul_fill(const at::Tensor& weight, const at::Tensor& x,
-                       const c10::optional<at::Tensor>& weight2,
-                       const c10::optional<at::Tensor>& x2, at::Tensor& out) {
-  const at::Tensor w = weight.contiguous(), xc = x.contiguous();
-  const bool two = weight2.has_value();
-  const at::Tensor w2 = two ? weight2->contiguous() : at::Tensor();
-  const at::Tensor x2c = two ? x2->contiguous() : at::Tensor();
-  const int64_t B = xc.size(0), J = xc.size(1), N = xc.size(2), M = w.size(0);
-  const int64_t J2 = two ? w2.size(1) : 0;
-  check_grid_yz("pixel_matmul", ceil_div(M, kTM), B);
-  if (B == 0 || N == 0 || M == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "pixel_matmul", [&] {
-    launch_pixel_gemm(
-        PixelGemm<scalar_t, scalar_t, scalar_t, scalar_t>{
-            M, N, J, J2, w.const_data_ptr<scalar_t>(), 0, xc.const_data_ptr<scalar_t>(), J * N,
-            two ? w2.const_data_ptr<scalar_t>() : nullptr, 0,
-            two ? x2c.const_data_ptr<scalar_t>() : nullptr, J2 * N, nullptr, false,
-            out.mutable_data_ptr<scalar_t>(), M * N},
-        B, current_stream());
-  });
-}
-
-at::Tensor pixel_matmul_cuda(const at::Tensor& weight, const at::Tensor& x,
-                             const c10::optional<at::Tensor>& weight2,
-                             const c10::optional<at::Tensor>& x2) {
-  check_pixel_matmul_args(weight, x, weight2, x2);
-  check_cuda_tensor("pixel_matmul", "x", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2)}, x.options());
-  pixel_matmul_fill(weight, x, weight2, x2, out);
-  return out;
-}
-
-void pixel_matmul_into_cuda(const at::Tensor& weight, const at::Tensor& x,
-                            const c10::optional<at::Tensor>& weight2,
-                            const c10::optional<at::Tensor>& x2, at::Tensor& out) {
-  check_pixel_matmul_into_args(weight, x, weight2, x2, out);
-  check_cuda_tensor("pixel_matmul_into", "x", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  pixel_matmul_fill(weight, x, weight2, x2, out);
-}
-
-// pixel_matmul_nt: out (M, J) = sum over b and n of a[b, m, n] * y[b, j, n]. The B * N products
-// of an output are split into S runs of `split` consecutive (b, n) (b major); grid
-// (J tiles, M tiles, S): each block writes its run's partial tile, and nt_reduce_kernel sums the
-// S partials in run order. The split depends on the shape only, so the bits do not change from
-// run to run.
-constexpr int64_t kMaxSplits = 64;
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    nt_partial_kernel(const T* __restrict__ a, const T* __restrict__ y, int64_t M, int64_t J,
-                      int64_t N, int64_t total, int64_t split, T* __restrict__ partial) {
-  __shared__ T As[kTK * kTM];
-  __shared__ T Bs[kTK * kTN];
-  const int64_t j0 = int64_t(blockIdx.x) * kTN, m0 = int64_t(blockIdx.y) * kTM;
-  const int64_t t0 = int64_t(blockIdx.z) * split;
-  const int64_t depth = (t0 + split < total ? t0 + split : total) - t0;
-  // t = b * N + n indexes the (b, n) pairs
-  auto load_a = [&](int i, int64_t t) -> T {
-    const int64_t m = m0 + i, tt = t0 + t;
-    return m < M ? a[((tt / N) * M + m) * N + tt % N] : T(0);
-  };
-  auto load_b = [&](int64_t t, int jj) -> T {
-    const int64_t j = j0 + jj, tt = t0 + t;
-    return j < J ? y[((tt / N) * J + j) * N + tt % N] : T(0);
-  };
-  T acc[4][4];
-  zero_tile(acc);
-  tile_mma(acc, depth, load_a, load_b, As, Bs);
-  store_tile(acc, partial + int64_t(blockIdx.z) * M * J, J, m0, j0, M, J);
-}
-
-at::Tensor pixel_matmul_nt_cuda(const at::Tensor& a_in, const at::Tensor& y_in) {
-  check_pixel_matmul_nt_args(a_in, y_in);
-  check_cuda_tensor("pixel_matmul_nt", "a", a_in);
-  const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous(), y = y_in.contiguous();
-  const int64_t B = a.size(0), M = a.size(1), N = a.size(2), J = y.size(1);
-  at::Tensor out = at::empty({M, J}, a.options());
-  if (M == 0 || J == 0) return out;
-  const int64_t total = B * N;
-  if (total == 0) return out.zero_();
-  // Runs of at least 4096 products, at most kMaxSplits of them, whole kTK steps.
-  const int64_t split = ceil_div(std::max<int64_t>(4096, ceil_div(total, kMaxSplits)), kTK) * kTK;
-  const int64_t S = ceil_div(total, split);
-  check_grid_yz("pixel_matmul_nt", ceil_div(M, kTM), S);
-  at::Tensor partial = at::empty({S, M, J}, a.options());
-  const cudaStream_t stream = current_stream();
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pixel_matmul_nt", [&] {
-    const dim3 grid(static_cast<unsigned>(ceil_div(J, kTN)),
-                    static_cast<unsigned>(ceil_div(M, kTM)), static_cast<unsigned>(S));
-    nt_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        a.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), M, J, N, total, split,
-        partial.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // the S partials summed in split order (the same fixed-order sum as over a batch)
-    batch_order_sum_kernel<scalar_t><<<blocks_for(M * J), kThreads, 0, stream>>>(
-        partial.const_data_ptr<scalar_t>(), S, M * J, out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -391,11 +285,8 @@ TORCH_LIBRARY_IMPL(ocrkernels, CUDA, m) {
   m.impl("bn_relu_backward_reduce", &cuda::bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_apply", &cuda::bn_relu_backward_apply_cuda);
   m.impl("batch_var_mean", &cuda::batch_var_mean_cuda);
-  m.impl("pixel_matmul", &cuda::pixel_matmul_cuda);
   m.impl("bn_relu_inplace", &cuda::bn_relu_inplace_cuda);
   m.impl("bn_relu_backward_apply_inplace", &cuda::bn_relu_backward_apply_inplace_cuda);
-  m.impl("pixel_matmul_into", &cuda::pixel_matmul_into_cuda);
-  m.impl("pixel_matmul_nt", &cuda::pixel_matmul_nt_cuda);
 }
 
 }  // namespace ocrkernels
