@@ -27,7 +27,7 @@ setup: $(BUILT)
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" triton==3.8.0 numpy opencv-python-headless pillow scipy tensorboard pytest ninja setuptools wheel onnx onnxruntime onnxscript onnxruntime-extensions
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" triton==3.8.0 numpy opencv-python-headless pillow scipy tensorboard pytest ninja setuptools wheel onnx onnxruntime onnxscript onnxruntime-extensions cityscapesscripts
 	OCRKERNELS_SKIP_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -37,6 +37,17 @@ def run_models_bench(folder: Path, *args: str, timeout: float
     return proc, json.loads(out.read_text())
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and inputs: one torch thread for the test. Two OpenMP threads on ~1 ms
+    convolutions only add barrier waits, and spin badly when another process shares the two
+    cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared. In CI it must exist; in a user's clone without it, skip."""
     path = SHARED.joinpath(*parts)

@@ -31,16 +31,6 @@ needs_ext = pytest.mark.skipif(not ocrkernels.ops.extension_loaded(),
                                reason="ocrkernels._C is not built")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny inputs: one thread (two OpenMP threads on ~1 ms convolutions only add barrier
-    waits, and spin badly when another process shares the two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_batchnorm(model: nn.Module) -> None:
     """BN statistics and affine parameters away from mmseg's 0 / 1 init, so folding matters."""
     with torch.no_grad():

@@ -51,16 +51,6 @@ def _assert_same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) 
         assert torch.equal(after[k], v), f"{k} changed although loading failed"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny inputs: one thread. Two OpenMP threads on many ~1 ms convolutions only add barrier
-    waits (and spin badly when another process shares the two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- configs, sizes
 
 @pytest.mark.parametrize("name, params", [

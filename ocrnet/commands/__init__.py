@@ -11,7 +11,8 @@ HELP = {
     "convert": "convert a mmsegmentation checkpoint to ocrnet format",
     "configs": "list the config names",
     "train": "train a config (iteration-based SGD, poly lr; torchrun for DDP)",
-    "test": "evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun)",
+    "test": "evaluate a checkpoint on the val split (mIoU, mAcc, aAcc; torchrun); "
+            "--format-only: predictions for the benchmark server",
     "infer": "segment images: colourised masks and overlays as PNG",
     "bench": "fps (batch 1), FLOPs, parameters and peak memory of a config",
     "export": "export a model as ONNX or an AOTInductor package, checked against PyTorch",

@@ -21,13 +21,17 @@ def build_dataset(dataset: str, data_root: str | os.PathLike, split: str):
     """The dataset a config names, as mmseg's ``configs/_base_/datasets/*.py`` build it.
 
     ``dataset``: "cityscapes" | "ade20k" | "voc12aug" | "voc12" (the ``DataConfig.dataset``
-    names); ``split``: "train" or "val". For "voc12aug" "train" is train.txt on
+    names); ``split``: "train" or "val", or for Cityscapes "test" (its images only: the public
+    test annotations are placeholders). For "voc12aug" "train" is train.txt on
     ``SegmentationClass`` + aug.txt on ``SegmentationClassAug``; "val" is val.txt.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"build_dataset: split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "test" and dataset != "cityscapes":
+        raise ValueError(f"build_dataset: split 'test' exists for cityscapes only, not "
+                         f"{dataset!r}")
     if dataset == "cityscapes":
-        return CityscapesDataset(data_root, split)
+        return CityscapesDataset(data_root, split, labels=split != "test")
     if dataset == "ade20k":
         return ADE20KDataset(data_root, split)
     if dataset == "voc12aug" and split == "train":
@@ -43,11 +47,14 @@ def build_dataset(dataset: str, data_root: str | os.PathLike, split: str):
 
 def build_split(config: Config, split: str, data_root: str | os.PathLike | None = None,
                 synthetic_length: int | None = None):
-    """The raw ``split`` dataset of ``config`` ("train" or "val"): the real dataset under
+    """The raw ``split`` dataset of ``config`` ("train", "val"; Cityscapes also "test", see
+    :func:`build_dataset`): the real dataset under
     ``data_root`` (default mmseg's ``data/...``), or, for the synthetic dataset without a
     root, the in-memory set of ``synthetic_length`` images (default
     :data:`DEFAULT_SYNTHETIC_LENGTHS`)."""
     data = config.data
+    if split == "test" and data.dataset != "cityscapes":
+        raise ValueError(f"split 'test' exists for cityscapes only, not {data.dataset!r}")
     if data.dataset == "synthetic" and data_root is None:
         h, w = data.crop_size
         length = synthetic_length or DEFAULT_SYNTHETIC_LENGTHS[split]

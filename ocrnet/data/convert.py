@@ -7,8 +7,13 @@
 * ``cityscapes``: every ``gtFine/**/*_gtFine_polygons.json`` (or, with ``--source labelIds``
   or when no json exists, ``*_gtFine_labelIds.png``) becomes ``*_gtFine_labelTrainIds.png``
   beside it, through the official labelId -> trainId table of cityscapesScripts
-  (``helpers/labels.py``); also writes ``{train,val,test}.txt`` (``<city>/<name>`` per line)
-  into the Cityscapes root, as mmseg's converter does.
+  (``helpers/labels.py``); with ``--label-ids`` the json also becomes ``*_gtFine_labelIds.png``.
+  Polygons are filled as cityscapesScripts' ``json2labelImg`` fills them (what mmseg's
+  converter calls and what published Cityscapes numbers were evaluated on): Pillow's
+  ``ImageDraw.polygon`` on an 8-bit image of the 'unlabeled' value, objects in file order,
+  coordinates as stored; with the same Pillow the label maps are pixel-identical to its
+  ``trainIds`` and ``ids`` outputs. Also writes ``{train,val,test}.txt`` (``<city>/<name>``
+  per line) into the Cityscapes root, as mmseg's converter does.
 * ``voc-aug``: every SBD ``dataset/cls/*.mat`` (struct ``GTcls``, field ``Segmentation``)
   becomes ``VOC2012/SegmentationClassAug/<id>.png``; ``ImageSets/Segmentation/aug.txt`` gets
   the SBD train+val ids not in VOC train or val (mmseg trains on train.txt + aug.txt, 10,582
@@ -26,14 +31,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..utils.fileio import write_text_atomic
 from .io import DataError, Progress, read_label, write_png_atomic
 
-__all__ = ["CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_NAME_TO_ID", "cityscapes_label_ids_to_train_ids",
-           "cityscapes_polygons_to_train_ids", "convert_cityscapes", "sbd_mat_to_label",
+__all__ = ["CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_NAME_TO_ID", "CITYSCAPES_TRAINID_TO_ID",
+           "SERVER_FORMATS", "cityscapes_label_ids_to_train_ids",
+           "cityscapes_polygons_to_label_ids", "cityscapes_polygons_to_train_ids",
+           "cityscapes_train_ids_to_label_ids", "convert_cityscapes", "sbd_mat_to_label",
            "convert_voc_aug", "main"]
 
 # cityscapesScripts helpers/labels.py: (name, id, trainId); id -1 (license plate) is never
@@ -51,69 +57,132 @@ _CITYSCAPES_LABELS = (
     ("license plate", -1, -1),
 )
 CITYSCAPES_NAME_TO_ID = {name: lid for name, lid, _ in _CITYSCAPES_LABELS}
-_NAME_TO_TRAINID = {name: tid for name, _, tid in _CITYSCAPES_LABELS}
 CITYSCAPES_ID_TO_TRAINID = {lid: tid for _, lid, tid in _CITYSCAPES_LABELS if lid >= 0}
+# The 19 evaluated classes back to their labelIds (one labelId per trainId).
+CITYSCAPES_TRAINID_TO_ID = {tid: lid for _, lid, tid in _CITYSCAPES_LABELS if 0 <= tid < 255}
 
-# Lookup table labelId -> trainId over all uint8 values; ids outside the table are ignored.
+# Lookup tables over all uint8 values. labelId -> trainId: ids outside the table are ignored.
 _ID_LUT = np.full(256, 255, np.uint8)
 for _lid, _tid in CITYSCAPES_ID_TO_TRAINID.items():
     _ID_LUT[_lid] = _tid
+# trainId -> labelId: 255 (ignore) -> 0 ('unlabeled'); 19..254 are refused.
+_TRAIN_LUT = np.zeros(256, np.uint8)
+for _tid, _lid in CITYSCAPES_TRAINID_TO_ID.items():
+    _TRAIN_LUT[_tid] = _lid
+
+
+def _check_map(array: np.ndarray, fn: str, arg: str) -> None:
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 2:
+        what = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else \
+            type(array).__name__
+        raise ValueError(f"{fn}: {arg} must be an (H, W) uint8 array, got {what}")
 
 
 def cityscapes_label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     """(H, W) uint8 Cityscapes labelIds -> (H, W) uint8 trainIds (0..18, 255 ignore)."""
-    if label_ids.dtype != np.uint8 or label_ids.ndim != 2:
-        raise ValueError(f"cityscapes_label_ids_to_train_ids: need (H, W) uint8, got "
-                         f"{label_ids.dtype} {label_ids.shape}")
+    _check_map(label_ids, "cityscapes_label_ids_to_train_ids", "label_ids")
     return _ID_LUT[label_ids]
 
 
-def cityscapes_polygons_to_train_ids(json_path: str | os.PathLike) -> np.ndarray:
-    """Rasterise a ``*_gtFine_polygons.json`` to (imgHeight, imgWidth) uint8 trainIds.
+def cityscapes_train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 trainIds (0..18; 255 -> 0 'unlabeled') -> (H, W) uint8 labelIds, through
+    the official table: what the Cityscapes benchmark server and cityscapesScripts'
+    ``evalPixelLevelSemanticLabeling`` read. Values 19..254 raise ValueError."""
+    _check_map(train_ids, "cityscapes_train_ids_to_label_ids", "train_ids")
+    bad = (train_ids >= len(CITYSCAPES_TRAINID_TO_ID)) & (train_ids != 255)
+    if bad.any():
+        raise ValueError(f"cityscapes_train_ids_to_label_ids: train_ids holds "
+                         f"{np.unique(train_ids[bad])[:10].tolist()}, not trainIds "
+                         f"(0..{len(CITYSCAPES_TRAINID_TO_ID) - 1} or 255)")
+    return _TRAIN_LUT[train_ids]
 
-    As cityscapesScripts' ``json2labelImg(..., 'trainIds')``: background 255 ('unlabeled'),
-    objects filled in file order (later ones over earlier ones), ``deleted`` objects and
-    labels with id < 0 skipped, ``<name>group`` read as ``<name>``. Filling uses
-    ``cv2.fillPoly`` on coordinates rounded to pixels (PIL's polygon fill may differ on a few
-    boundary pixels). Unknown labels raise :class:`DataError` naming the file.
-    """
-    json_path = Path(json_path)
+
+# What ``ocrnet test --format-only`` writes for a dataset (``DataConfig.dataset``): a function
+# from a predicted class-id map to the benchmark's encoding. Datasets not listed: class ids.
+SERVER_FORMATS = {"cityscapes": cityscapes_train_ids_to_label_ids}
+
+
+def _read_polygons(json_path: Path) -> tuple[int, int, list[tuple[int, str, bool, list]]]:
+    """(height, width, [(object index, label, deleted, points)]) of a polygon file; points as
+    stored (each point's first two values), as cityscapesScripts' ``Annotation`` reads them."""
     try:
         ann = json.loads(json_path.read_text())
         h, w = int(ann["imgHeight"]), int(ann["imgWidth"])
         objects = ann["objects"]
+        if not isinstance(objects, list):
+            raise TypeError(f"'objects' is a {type(objects).__name__}, not a list")
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"not a Cityscapes polygon file ({exc!r}): {json_path}") from exc
-    out = np.full((h, w), _NAME_TO_TRAINID["unlabeled"], np.uint8)
+    if h <= 0 or w <= 0:
+        raise DataError(f"imgHeight and imgWidth must be positive, got {h} x {w}: {json_path}")
+    out = []
     for k, obj in enumerate(objects):
-        if obj.get("deleted", 0):
+        try:
+            out.append((k, str(obj["label"]), bool(obj.get("deleted", 0)),
+                        [(p[0], p[1]) for p in obj["polygon"]]))
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise DataError(f"object {k} needs a label and a polygon of [x, y] points "
+                            f"({exc!r}) in {json_path}") from exc
+    return h, w, out
+
+
+def cityscapes_polygons_to_label_ids(json_path: str | os.PathLike) -> np.ndarray:
+    """Rasterise a ``*_gtFine_polygons.json`` to (imgHeight, imgWidth) uint8 labelIds, pixel for
+    pixel as cityscapesScripts' ``json2labelImg(..., 'ids')`` (with the same Pillow).
+
+    Pillow's ``ImageDraw.polygon`` fills each object on an 8-bit image of 'unlabeled' (0), in
+    file order (later objects over earlier ones), with the coordinates as stored (non-integer
+    ones as Pillow places them, which is not rounding; clipped at the border); objects with a true
+    ``deleted`` and labels of negative id (license plate) are skipped; ``<name>group`` counts
+    as ``<name>`` unless ``<name>group`` is a label itself (polegroup). Unknown labels and
+    malformed objects raise :class:`DataError` naming the file and the object.
+    """
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as exc:
+        raise ImportError("the Cityscapes polygon converter needs Pillow (`pip install "
+                          "pillow`): it fills polygons as cityscapesScripts does") from exc
+    json_path = Path(json_path)
+    h, w, objects = _read_polygons(json_path)
+    img = Image.new("L", (w, h), CITYSCAPES_NAME_TO_ID["unlabeled"])
+    draw = ImageDraw.Draw(img)
+    for k, label, deleted, points in objects:
+        if deleted:
             continue
-        name = obj.get("label", "")
-        if name not in _NAME_TO_TRAINID and name.endswith("group"):
+        name = label
+        if name not in CITYSCAPES_NAME_TO_ID and name.endswith("group"):
             name = name[:-len("group")]
-        if name not in _NAME_TO_TRAINID:
-            raise DataError(f"unknown Cityscapes label {obj.get('label')!r} (object {k}) in "
-                            f"{json_path}")
-        if CITYSCAPES_NAME_TO_ID[name] < 0:
+        if name not in CITYSCAPES_NAME_TO_ID:
+            raise DataError(f"unknown Cityscapes label {label!r} (object {k}) in {json_path}")
+        label_id = CITYSCAPES_NAME_TO_ID[name]
+        if label_id < 0:
             continue
         try:
-            pts = np.round(np.asarray(obj["polygon"], np.float64)).astype(np.int32)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DataError(f"bad polygon for object {k} in {json_path}: {exc!r}") from exc
-        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-            raise DataError(f"polygon of object {k} must be a list of [x, y] points in "
-                            f"{json_path}")
-        cv2.fillPoly(out, [pts.reshape(-1, 1, 2)], int(_NAME_TO_TRAINID[name]))
-    return out
+            draw.polygon(points, fill=label_id)
+        except (TypeError, ValueError) as exc:  # fewer than 2 points, non-numbers
+            raise DataError(f"cannot draw the polygon of object {k} ({label!r}): {exc} in "
+                            f"{json_path}") from exc
+    return np.array(img)
+
+
+def cityscapes_polygons_to_train_ids(json_path: str | os.PathLike) -> np.ndarray:
+    """Rasterise a ``*_gtFine_polygons.json`` to (imgHeight, imgWidth) uint8 trainIds (255
+    background), pixel for pixel as ``json2labelImg(..., 'trainIds')``: the labelIds of
+    :func:`cityscapes_polygons_to_label_ids` through the official table (the fill does not
+    depend on the value drawn, so this equals drawing trainIds)."""
+    return _ID_LUT[cityscapes_polygons_to_label_ids(json_path)]
 
 
 def convert_cityscapes(root: str | os.PathLike, gt_dir: str = "gtFine", source: str = "auto",
-                       split_lists: bool = True, progress: bool = True) -> int:
+                       split_lists: bool = True, progress: bool = True,
+                       label_ids: bool = False) -> int:
     """Write ``*_gtFine_labelTrainIds.png`` beside every source annotation under
     ``root/gt_dir``. ``source``: "json" (``*_polygons.json``), "labelIds"
-    (``*_labelIds.png``) or "auto" (json if any exist, else labelIds). Returns the count."""
+    (``*_labelIds.png``) or "auto" (json if any exist, else labelIds). ``label_ids``: also
+    write ``*_gtFine_labelIds.png`` from the json (replacing existing ones). Returns the
+    count."""
     root = Path(root)
     gt = root / gt_dir
     if not gt.is_dir():
@@ -126,16 +195,22 @@ def convert_cityscapes(root: str | os.PathLike, gt_dir: str = "gtFine", source: 
         files, suffix = jsons, "_polygons.json"
     else:
         files, suffix = sorted(gt.rglob("*_labelIds.png")), "_labelIds.png"
+    if label_ids and suffix != "_polygons.json":
+        raise ValueError("convert_cityscapes: label_ids=True needs the *_polygons.json source "
+                         "(the labelIds are what it would write)")
     if not files:
         raise DataError(f"convert_cityscapes: no *{suffix} files under {gt}")
     bar = Progress(len(files), f"cityscapes {suffix}", enabled=progress)
     for f in files:
-        out = f.with_name(f.name[:-len(suffix)] + "_labelTrainIds.png")
+        stem = f.name[:-len(suffix)]
         if suffix == "_polygons.json":
-            train_ids = cityscapes_polygons_to_train_ids(f)
+            ids = cityscapes_polygons_to_label_ids(f)
+            if label_ids:
+                write_png_atomic(f.with_name(stem + "_labelIds.png"), ids)
         else:
-            train_ids = cityscapes_label_ids_to_train_ids(read_label(f))
-        write_png_atomic(out, train_ids)
+            ids = read_label(f)
+        write_png_atomic(f.with_name(stem + "_labelTrainIds.png"),
+                         cityscapes_label_ids_to_train_ids(ids))
         bar.step()
     bar.close()
     if split_lists:
@@ -226,6 +301,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gt-dir", default="gtFine", help="annotation folder (default gtFine)")
     c.add_argument("--source", choices=("auto", "json", "labelIds"), default="auto",
                    help="read *_polygons.json or *_labelIds.png (auto: json if present)")
+    c.add_argument("--label-ids", action="store_true",
+                   help="also write *_gtFine_labelIds.png from the json (json source only)")
     c.add_argument("--no-split-lists", action="store_true",
                    help="do not write train/val/test.txt into the root")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress count")
@@ -246,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cityscapes":
             n = convert_cityscapes(args.root, args.gt_dir, args.source,
                                    split_lists=not args.no_split_lists,
-                                   progress=not args.quiet)
-            print(f"wrote {n} *_labelTrainIds.png files under {Path(args.root) / args.gt_dir}")
+                                   progress=not args.quiet, label_ids=args.label_ids)
+            what = "*_labelTrainIds.png" + (" and *_labelIds.png" if args.label_ids else "")
+            print(f"wrote {n} {what} files under {Path(args.root) / args.gt_dir}")
         else:
             counts = convert_voc_aug(args.devkit, args.sbd, args.out_dir,
                                      progress=not args.quiet)

@@ -233,14 +233,17 @@ class CityscapesDataset(SegDataset):
     """Cityscapes fine annotations, 19 classes (trainIds), ignore 255.
 
     ``data_root`` holds ``leftImg8bit/`` and ``gtFine/``; ``split`` is "train", "val" or
-    "test" (test labels are all ignore in the public release).
+    "test" (test labels are all ignore in the public release). ``labels=False``: the images
+    only (``gtFine/`` is not read; samples carry ``label`` None).
     """
 
-    def __init__(self, data_root: str | os.PathLike, split: str = "train", **kwargs):
+    def __init__(self, data_root: str | os.PathLike, split: str = "train", *,
+                 labels: bool = True, **kwargs):
         root = Path(data_root)
         kwargs.setdefault("classes", CITYSCAPES_CLASSES)
         kwargs.setdefault("palette", CITYSCAPES_PALETTE)
-        super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split,
+        super().__init__(root / "leftImg8bit" / split,
+                         root / "gtFine" / split if labels else None,
                          img_suffix="_leftImg8bit.png",
                          seg_map_suffix="_gtFine_labelTrainIds.png",
                          name=kwargs.pop("name", f"cityscapes/{split}"), **kwargs)

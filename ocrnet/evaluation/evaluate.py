@@ -6,7 +6,8 @@
 
 Each image goes through the config's test pipeline and :mod:`ocrnet.inference.predict` (whole,
 slide) or :mod:`ocrnet.inference.tta`; the logits are resized to the label's size and the
-argmax is scored by :class:`ocrnet.evaluation.metrics.IoUMetric`.
+argmax is scored by :class:`ocrnet.evaluation.metrics.IoUMetric` (``metrics=False``: only
+predicted, at the image's size, for datasets without labels).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
              progress: Callable[[int, int], None] | None = None,
              amp_dtype: torch.dtype | None = None, test_cfg=None, tta: bool = False,
              tta_relative_to: str = "image",
-             on_prediction: Callable[[int, np.ndarray, dict], None] | None = None
-             ) -> dict[str, Any]:
+             on_prediction: Callable[[int, np.ndarray, dict], None] | None = None,
+             metrics: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` with mmseg's test pipeline and IoU metric.
 
     Args:
@@ -57,10 +58,13 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
             ratios, softmax averaged); ``tta_relative_to`` as there.
         on_prediction: called as ``on_prediction(index, pred (H, W) uint8, meta)`` for every
             sample this process evaluates (e.g. to save the masks).
+        metrics: score the predictions (every sample needs a label); False: predict at each
+            image's size without reading labels (a split without them, e.g. Cityscapes test).
 
     Returns:
         :meth:`IoUMetric.compute`'s dict (``aAcc``, ``mIoU``, ``mAcc``, ``IoU``, ``Acc`` in
-        percent; ``aacc``, ``miou`` ... as fractions) plus ``images`` and ``seconds``.
+        percent; ``aacc``, ``miou`` ... as fractions) plus ``images`` and ``seconds``; with
+        ``metrics=False`` only ``images`` and ``seconds``.
     """
 
     inner = unwrap(model)
@@ -70,7 +74,8 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
     if names is not None and len(names) != num_classes:
         names = None  # a dataset with a different class list: fall back to indices
     test_cfg = test_cfg if test_cfg is not None else config.test
-    metric = IoUMetric(num_classes, config.model.ignore_index, class_names=names)
+    metric = IoUMetric(num_classes, config.model.ignore_index, class_names=names) \
+        if metrics else None
     pipeline = build_pipeline(config, "val")
     collate = build_collate(config, "val")
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -80,9 +85,11 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
     try:
         for i in range(rank, total, world_size):
             raw, label, meta = dataset[i]
-            if label is None:
+            if metric is None:
+                label = None  # not scored: the pipeline need not carry it
+            elif label is None:
                 raise ValueError(f"evaluate: sample {i} ({meta.get('img_path')}) has no label")
-            out_size = label.shape[:2]
+            out_size = (raw if label is None else label).shape[:2]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 # The inner model: DDP's forward would try to sync buffers in eval.
                 if tta:
@@ -94,13 +101,16 @@ def evaluate(model: nn.Module, dataset, config, *, device: str | torch.device | 
                     x, _, _ = collate([(img, None, meta)])
                     scores = predict_logits(inner, x.to(device), test_cfg, out_size)
             pred = scores.argmax(1)[0]
-            metric.update(pred, torch.from_numpy(np.asarray(label)))
+            if metric is not None:
+                metric.update(pred, torch.from_numpy(np.asarray(label)))
             if on_prediction is not None:
                 on_prediction(i, pred.cpu().numpy().astype(np.uint8), meta)
             if progress is not None and rank == 0:
                 progress(min(i + world_size, total), total)
     finally:
         inner.train(was_training)
+    if metric is None:
+        return {"images": total, "seconds": time.perf_counter() - start}
     if world_size > 1:
         metric.all_reduce()
     result = metric.compute()
