@@ -37,6 +37,16 @@ def run_models_bench(folder: Path, *args: str, timeout: float
     return proc, json.loads(out.read_text())
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (tiny models: a second OpenMP thread
+    only adds barrier waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared. In CI it must exist; in a user's clone without it, skip."""
     path = SHARED.joinpath(*parts)

@@ -48,13 +48,8 @@ CFG = SYNTHETIC_CONFIGS[TINY]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (two only add OpenMP barrier waits on these sizes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread (two only add OpenMP barrier waits on these sizes).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_batchnorm(model: nn.Module) -> nn.Module:
