@@ -3,6 +3,7 @@ checkpoint alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ __all__ = ["init_model", "load_model"]
 
 
 def init_model(config: str | Config, checkpoint: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu", fused: bool = True) -> OCRNet:
+               device: str | torch.device = "cpu", fused: bool = True, *,
+               with_cp: bool | None = None, recompute: bool | None = None) -> OCRNet:
     """Build the OCRNet of ``config``, load ``checkpoint`` (mmsegmentation or ocrnet format,
     strictly), move it to ``device`` and put it in eval mode.
 
@@ -25,6 +27,13 @@ def init_model(config: str | Config, checkpoint: str | os.PathLike | None = None
         checkpoint: optional weights file; without it the model keeps mmseg's random init.
         device: where the model runs.
         fused: use ocrkernels' fused OCR kernels (``False``: the plain-PyTorch reference).
+        with_cp: the backbone's activation checkpointing in training (``model.backbone.with_cp``
+            of the config; None: the config's setting).
+        recompute: the heads' recompute in training (``model.recompute``; None: the
+            config's). Both are exact (the same loss, gradients and BatchNorm running
+            statistics) and only act in training mode (``model.train()``): together they are
+            the lean training mode (its memory and time: docs/PERFORMANCE.md). In eval mode
+            they change nothing. ``model.config`` records the settings.
 
     Returns:
         the model; ``model(img)`` maps a normalised (B, 3, H, W) image to (B, K, H, W) logits.
@@ -34,6 +43,15 @@ def init_model(config: str | Config, checkpoint: str | os.PathLike | None = None
             not fit the config (the message starts with the config's name).
     """
     cfg = get_config(config)
+    for name, value in (("with_cp", with_cp), ("recompute", recompute)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"init_model: {name} must be a bool or None, got {value!r}")
+    m = cfg.model
+    if with_cp is not None:
+        m = dataclasses.replace(m, backbone=dataclasses.replace(m.backbone, with_cp=with_cp))
+    if recompute is not None:
+        m = dataclasses.replace(m, recompute=recompute)
+    cfg = cfg.replace(model=m)
     # Without a checkpoint the random init is the point; with one it would be overwritten.
     model = build_segmentor(cfg, fused=fused, init=checkpoint is None)
     if checkpoint is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ocrnet.utils.fileio import atomic_write, write_json_atomic, write_text_atomic
-from ocrnet.utils.memory import saved_tensor_bytes
+from ocrnet.utils.memory import peak_rss_bytes, reset_peak_rss, saved_tensor_bytes
 from ocrnet.utils.timing import time_interleaved
 
 
@@ -88,6 +88,18 @@ def test_saved_tensor_bytes_counts_what_autograd_keeps():
     assert kept == 100 * 30 * 4  # one storage, counted once
     with torch.no_grad():
         assert saved_tensor_bytes(lambda: x.exp())[1] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self is Linux's")
+def test_peak_rss_interval_starts_at_the_reset():
+    assert reset_peak_rss()
+    start = peak_rss_bytes()
+    x = torch.ones(1 << 26)  # 256 MiB, written
+    peak = peak_rss_bytes()
+    assert peak >= start + (200 << 20)
+    del x
+    assert reset_peak_rss()
+    assert peak_rss_bytes() <= peak - (200 << 20)  # the freed block no longer counts
 
 
 _KEEP_SCRIPT = r"""

@@ -29,8 +29,10 @@ def add_parser(sub) -> None:
     t.add_argument("--amp", choices=("fp16", "bf16"), default=None,
                    help="mixed precision (fp16 needs CUDA)")
     t.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config fields (schedule.lr=0.02, data.batch_per_gpu=4) or "
-                        "trainer options (train.checkpoint_interval=500, train.grad_clip=1.0)")
+                   help="override config fields (schedule.lr=0.02, data.batch_per_gpu=4; "
+                        "model.backbone.with_cp=True model.recompute=True: the lean training "
+                        "mode, less activation memory for more time) or trainer options "
+                        "(train.checkpoint_interval=500, train.grad_clip=1.0)")
     t.add_argument("--data-root", default=None,
                    help="dataset directory (default mmseg's data/<dataset> layout)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -25,6 +25,11 @@ class BackboneConfig:
 
     ``pretrained`` names the ImageNet initialisation mmseg uses (informational; load the file
     with :func:`ocrnet.models.checkpoint.load_backbone_pretrained`).
+
+    ``with_cp``: activation checkpointing in training (mmseg's ``with_cp``): HRNet's stem,
+    stage-1 blocks, transitions and HRModules, ResNetV1c's stem and blocks keep only their
+    inputs for backward and run again there; exact (same loss, gradients and BatchNorm running
+    statistics), less memory, more time. With ``ModelConfig.recompute`` the lean training mode.
     """
 
     type: str
@@ -34,6 +39,7 @@ class BackboneConfig:
     dilations: tuple[int, ...] = (1, 1, 2, 4)
     contract_dilation: bool = True
     pretrained: str = ""
+    with_cp: bool = False
 
     def __post_init__(self):
         if self.type not in ("HRNet", "ResNetV1c"):
@@ -71,6 +77,11 @@ class ModelConfig:
     ``input_transform``: "resize_concat" (HRNet: all branches resized to branch 0 and
     concatenated, fed to both heads) or "select" (ResNet: the aux head reads backbone output
     ``aux_in_index``, the OCR head ``ocr_in_index``).
+
+    ``recompute``: training keeps less of the heads for backward and recomputes it there,
+    exactly: the OCR head's object attention keeps only its bottleneck's pre-activation, the
+    auxiliary head and the loss (full-size logits and softmax) only their inputs (see
+    :class:`ocrnet.models.OCRNet`). With ``backbone.with_cp`` the lean training mode.
     """
 
     backbone: BackboneConfig
@@ -83,6 +94,7 @@ class ModelConfig:
     align_corners: bool = False
     ignore_index: int = 255
     avg_non_ignore: bool = False  # mmseg's CrossEntropyLoss default
+    recompute: bool = False
 
     def __post_init__(self):
         if self.input_transform not in ("resize_concat", "select"):

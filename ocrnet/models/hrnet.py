@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .recompute import checkpoint_call
 from .resnet import BasicBlock, Bottleneck, make_res_layer
 
 __all__ = ["HRNet", "HRNET_ARCHS", "StageSpec", "hrnet_arch", "hrnet_width"]
@@ -191,14 +192,21 @@ class HRNet(nn.Module):
     Args:
         arch: ``"w18_small"``, ``"w18"``, ``"w48"`` or a tuple of four :class:`StageSpec`.
         in_channels: image channels.
+        with_cp: activation checkpointing in training (:mod:`ocrnet.models.recompute`): the
+            stem, each block of stage 1, each transition and each HRModule (its branches and
+            fuse layers together) keep only their inputs for backward and run again there.
+            The same loss, gradients and BatchNorm running statistics as without; no effect
+            in eval mode or without autograd. May be changed at any time.
 
     Input (B, in_channels, H, W); output: the list of the four branch outputs,
     branch i of shape (B, C_i, H / 2^(i+2), W / 2^(i+2)) with C = (18, 36, 72, 144) for W18 and
     W18-Small, (48, 96, 192, 384) for W48 (sizes rounded up by the strided convolutions).
     """
 
-    def __init__(self, arch: str | tuple[StageSpec, ...] = "w18", in_channels: int = 3):
+    def __init__(self, arch: str | tuple[StageSpec, ...] = "w18", in_channels: int = 3,
+                 with_cp: bool = False):
         super().__init__()
+        self.with_cp = with_cp
         stages = hrnet_arch(arch) if isinstance(arch, str) else tuple(arch)
         if len(stages) != 4 or stages[0].num_branches != 1:
             raise ValueError("HRNet: arch needs four stages, the first with one branch")
@@ -240,21 +248,35 @@ class HRNet(nn.Module):
                 layers.append(nn.Sequential(*steps))
         return layers
 
+    def _stem(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(x)))
+
+    @staticmethod
+    def _transition(transition: nn.ModuleList, *ys: Tensor) -> list[Tensor]:
+        xs = []
+        for i, t in enumerate(transition):
+            if t is None:
+                xs.append(ys[i])
+            elif i < len(ys):
+                xs.append(t(ys[i]))
+            else:
+                # New branches grow from the lowest-resolution branch.
+                xs.append(t(ys[-1]))
+        return xs
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, C_in, H, W) -> list of the four branch outputs (see the class docstring)."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        ys = [self.layer1(x)]
+        cp = self.with_cp and self.training
+        x = checkpoint_call(self._stem, x, enabled=cp, batchnorms=(self.bn1, self.bn2))
+        for block in self.layer1:
+            x = checkpoint_call(block, x, enabled=cp, batchnorms=block)
+        ys = [x]
         for k in range(1, 4):
             transition = getattr(self, f"transition{k}")
-            xs = []
-            for i, t in enumerate(transition):
-                if t is None:
-                    xs.append(ys[i])
-                elif i < len(ys):
-                    xs.append(t(ys[i]))
-                else:
-                    # New branches grow from the lowest-resolution branch.
-                    xs.append(t(ys[-1]))
-            ys = getattr(self, f"stage{k + 1}")(xs)
+            ys = checkpoint_call(self._transition, transition, *ys, enabled=cp,
+                                 batchnorms=transition)
+            for module in getattr(self, f"stage{k + 1}"):
+                ys = checkpoint_call(lambda *b, m=module: m(list(b)), *ys, enabled=cp,
+                                     batchnorms=module)
         return ys

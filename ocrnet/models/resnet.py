@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .recompute import checkpoint_call
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNetV1c", "RESNET_DEPTHS"]
 
 
@@ -112,12 +114,19 @@ class ResNetV1c(nn.Module):
     Input (B, in_channels, H, W); output: a list of the four stage outputs,
     (B, 256, H/4, W/4), (B, 512, H/8, W/8), (B, 1024, H/8, W/8), (B, 2048, H/8, W/8)
     for D8 (sizes rounded up as the strided convolutions round them).
+
+    ``with_cp``: activation checkpointing in training (:mod:`ocrnet.models.recompute`, as
+    mmseg's ``with_cp``): the stem with the max-pool and each Bottleneck keep only their inputs
+    for backward and run again there; the same loss, gradients and BatchNorm running statistics
+    as without, no effect in eval mode or without autograd. May be changed at any time.
     """
 
     def __init__(self, depth: int = 101, in_channels: int = 3, stem_channels: int = 64,
                  base_channels: int = 64, strides: Sequence[int] = (1, 2, 1, 1),
-                 dilations: Sequence[int] = (1, 1, 2, 4), contract_dilation: bool = True):
+                 dilations: Sequence[int] = (1, 1, 2, 4), contract_dilation: bool = True,
+                 with_cp: bool = False):
         super().__init__()
+        self.with_cp = with_cp
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"ResNetV1c: depth must be one of {sorted(RESNET_DEPTHS)}, "
                              f"got {depth}")
@@ -146,9 +155,12 @@ class ResNetV1c(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, C_in, H, W) -> list of the four stage outputs (see the class docstring)."""
-        x = self.maxpool(self.stem(x))
+        cp = self.with_cp and self.training
+        x = checkpoint_call(lambda t: self.maxpool(self.stem(t)), x, enabled=cp,
+                            batchnorms=self.stem)
         outs = []
         for i in range(4):
-            x = getattr(self, f"layer{i + 1}")(x)
+            for block in getattr(self, f"layer{i + 1}"):
+                x = checkpoint_call(block, x, enabled=cp, batchnorms=block)
             outs.append(x)
         return outs

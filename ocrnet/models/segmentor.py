@@ -15,6 +15,7 @@ from ..configs import Config, ModelConfig, get_config
 from .heads import FCNHead, OCRHead
 from .hrnet import HRNet
 from .losses import cross_entropy, resize_logits
+from .recompute import checkpoint_call
 from .resnet import BasicBlock, Bottleneck, ResNetV1c
 
 __all__ = ["OCRNet", "build_backbone", "build_segmentor", "count_parameters"]
@@ -33,12 +34,19 @@ class OCRNet(nn.Module):
         align_corners: of every bilinear resize (False in all published configs).
         ignore_index, avg_non_ignore: loss settings, see :mod:`ocrnet.models.losses`.
         loss_weights: (auxiliary, OCR) loss weights.
+        recompute: training keeps less for backward and recomputes it there (exact: the same
+            loss, gradients and BatchNorm running statistics): the OCR head's object attention
+            keeps only its bottleneck's pre-activation (ocrkernels' ``recompute``), and the
+            auxiliary head and the loss (the logits resized to the labels, their softmax) keep
+            only their inputs. See :attr:`recompute`; the backbone's counterpart is its
+            ``with_cp``.
     """
 
     def __init__(self, backbone: nn.Module, aux_head: nn.Module, ocr_head: nn.Module,
                  input_transform: str = "resize_concat", aux_in_index: int = -1,
                  ocr_in_index: int = -1, align_corners: bool = False, ignore_index: int = 255,
-                 avg_non_ignore: bool = False, loss_weights: tuple[float, float] = (0.4, 1.0)):
+                 avg_non_ignore: bool = False, loss_weights: tuple[float, float] = (0.4, 1.0),
+                 recompute: bool = False):
         super().__init__()
         if input_transform not in ("resize_concat", "select"):
             raise ValueError(f"OCRNet: input_transform must be 'resize_concat' or 'select', "
@@ -52,6 +60,7 @@ class OCRNet(nn.Module):
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
         self.loss_weights = tuple(loss_weights)
+        self.recompute = recompute
         self.config: Config | None = None  # set by build_segmentor
 
     @property
@@ -75,6 +84,30 @@ class OCRNet(nn.Module):
         """Switch the OCR head between the fused kernels and the reference (same weights)."""
         self.ocr_head.fused = bool(value)
 
+    @property
+    def recompute(self) -> bool:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        """The heads' recompute in training (see the class docstring); any time."""
+        self._recompute = bool(value)
+        attention = getattr(self.ocr_head, "object_context_block", None)
+        if attention is not None and hasattr(attention, "recompute"):
+            attention.recompute = self._recompute
+
+    @property
+    def with_cp(self) -> bool:
+        """The backbone's activation checkpointing (False for a backbone without it)."""
+        return bool(getattr(self.backbone, "with_cp", False))
+
+    @with_cp.setter
+    def with_cp(self, value: bool) -> None:
+        if not hasattr(self.backbone, "with_cp"):
+            raise ValueError(f"OCRNet: the backbone {type(self.backbone).__name__} has no "
+                             "with_cp")
+        self.backbone.with_cp = bool(value)
+
     def extract_features(self, img: Tensor) -> list[Tensor]:
         """(B, 3, H, W) normalised image -> the backbone's list of feature maps."""
         if img.dim() != 4:
@@ -93,7 +126,9 @@ class OCRNet(nn.Module):
         resolution (1/4 of the input for HRNet, 1/8 for ResNet-D8). The OCR head's coarse
         logits are the auxiliary logits themselves (not detached, as in mmseg)."""
         aux_in, ocr_in = self._head_inputs(features)
-        aux_logits = self.aux_head(aux_in)
+        aux_logits = checkpoint_call(self.aux_head, aux_in,
+                                     enabled=self.recompute and self.training,
+                                     batchnorms=self.aux_head)
         return aux_logits, self.ocr_head(ocr_in, aux_logits)
 
     def forward(self, img: Tensor) -> Tensor:
@@ -121,8 +156,15 @@ class OCRNet(nn.Module):
         aux_logits, ocr_logits = self.decode(self.extract_features(img))
         kw = dict(ignore_index=self.ignore_index, avg_non_ignore=self.avg_non_ignore,
                   align_corners=self.align_corners)
-        loss_aux = self.loss_weights[0] * cross_entropy(aux_logits, labels, **kw)
-        loss_ocr = self.loss_weights[1] * cross_entropy(ocr_logits, labels, **kw)
+
+        def ce(logits: Tensor) -> Tensor:
+            return cross_entropy(logits, labels, **kw)
+
+        # With recompute only the low-resolution logits are kept; the resize to the labels'
+        # size and the softmax run again in backward.
+        loss_aux, loss_ocr = (
+            w * checkpoint_call(ce, logits, enabled=self.recompute and self.training)
+            for w, logits in zip(self.loss_weights, (aux_logits, ocr_logits)))
         return {"loss_aux": loss_aux, "loss_ocr": loss_ocr, "loss": loss_aux + loss_ocr}
 
     @torch.no_grad()
@@ -153,10 +195,10 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
     """The backbone of ``cfg`` and the channel counts of its outputs."""
     bb = cfg.backbone
     if bb.type == "HRNet":
-        net = HRNet(bb.arch)
+        net = HRNet(bb.arch, with_cp=bb.with_cp)
     elif bb.type == "ResNetV1c":
         net = ResNetV1c(bb.depth, strides=bb.strides, dilations=bb.dilations,
-                        contract_dilation=bb.contract_dilation)
+                        contract_dilation=bb.contract_dilation, with_cp=bb.with_cp)
     else:  # BackboneConfig validates the type; kept for hand-made configs
         raise ValueError(f"build_backbone: unknown backbone type {bb.type!r}")
     return net, list(net.out_channels)
@@ -191,7 +233,7 @@ def build_segmentor(config: str | Config | ModelConfig, fused: bool = True,
                        fused=fused)
     model = OCRNet(backbone, aux_head, ocr_head, cfg.input_transform, cfg.aux_in_index,
                    cfg.ocr_in_index, cfg.align_corners, cfg.ignore_index, cfg.avg_non_ignore,
-                   (a.loss_weight, o.loss_weight))
+                   (a.loss_weight, o.loss_weight), cfg.recompute)
     if not isinstance(config, ModelConfig):
         model.config = get_config(config)
     if init and next(model.parameters()).device.type != "meta":

@@ -1,5 +1,6 @@
-"""The one counter of what autograd keeps for the backward pass, and the process's policy for
-freed memory (:func:`keep_freed_memory`)."""
+"""The one counter of what autograd keeps for the backward pass, the process's policy for
+freed memory (:func:`keep_freed_memory`) and its peak resident set over an interval
+(:func:`reset_peak_rss`, :func:`peak_rss_bytes`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Iterable, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["keep_freed_memory", "saved_tensor_bytes"]
+__all__ = ["keep_freed_memory", "peak_rss_bytes", "reset_peak_rss", "saved_tensor_bytes"]
 
 T = TypeVar("T")
 
@@ -69,3 +70,41 @@ def keep_freed_memory() -> bool:
     _kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)
                  and libc.mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_BYTES))
     return _kept
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS interval (Linux): return freed heap memory to the system
+    (glibc's ``malloc_trim``), then reset the kernel's high-water mark to the current resident
+    set (``/proc/self/clear_refs``); :func:`peak_rss_bytes` then reads the peak since. False
+    where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size in bytes since :func:`reset_peak_rss` (or since
+    it started): ``VmHWM`` of ``/proc/self/status``; None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
