@@ -196,6 +196,11 @@ if cudart:
 if schema:
     ctypes.CDLL(schema)
 
+# Ops of the schema with CPU kernels only: on CUDA tensors the training chain runs these GEMMs
+# in cuBLAS (torch.matmul in ocrkernels/attention_train.py), so nothing calls them there.
+CPU_ONLY = {"ocrkernels::pixel_matmul", "ocrkernels::pixel_matmul_into",
+            "ocrkernels::pixel_matmul_nt"}
+
 def ops_of(ns):
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(ns + "::"))
 
@@ -213,16 +218,23 @@ except OSError as e:
     fail(f"the library does not load: {msg}")
 else:
     ops = ops_of(namespace)
-    missing = [n for n in ops if n not in cuda_kernels([n])]
+    has_cuda = cuda_kernels(ops)
+    missing = [n for n in ops if n not in has_cuda and n not in CPU_ONLY]
+    unexpected = sorted(has_cuda & CPU_ONLY)
     if not ops:
         fail(f"no {namespace}:: ops are defined")
     elif missing:
         fail(f"no CUDA kernel registered for: {', '.join(missing)}")
+    elif unexpected:
+        fail(f"CUDA kernels registered for the CPU-only ops {unexpected}: update CPU_ONLY")
     elif before:
         fail(f"CUDA kernels were registered before loading the library: {sorted(before)}")
     else:
-        print(f"loads and registers a CUDA kernel for all {len(ops)} {namespace} ops: "
-              + ", ".join(n.split('::')[1] for n in ops))
+        cuda_ops = [n for n in ops if n not in CPU_ONLY]
+        cpu_only = sorted(n.split("::")[1] for n in CPU_ONLY & set(ops))
+        print(f"loads and registers a CUDA kernel for all {len(cuda_ops)} {namespace} ops: "
+              + ", ".join(n.split("::")[1] for n in cuda_ops)
+              + (f"; none, by design, for the CPU-only {', '.join(cpu_only)}" if cpu_only else ""))
 
 # 3. Architectures, per translation unit, from the fat binaries of the .nv_fatbin section.
 def fatbin_entries(path):
