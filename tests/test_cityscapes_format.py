@@ -235,6 +235,19 @@ def test_train_ids_to_label_ids_is_the_official_table():
         conv.cityscapes_train_ids_to_label_ids(np.zeros((2, 2), np.int64))
 
 
+def test_ade20k_server_format_is_class_id_plus_one():
+    """ADE20K's benchmark reads 1..150 (0 'other'): the model's 0..149 (after
+    reduce_zero_label) + 1, as mmsegmentation's IoUMetric(format_only=True) writes them."""
+    assert conv.SERVER_FORMATS["ade20k"] is conv.ade20k_class_ids_to_label_ids
+    ids = np.array([[0, 1, 149], [75, 148, 2]], np.uint8)
+    got = conv.ade20k_class_ids_to_label_ids(ids)
+    assert got.dtype == np.uint8 and got.tolist() == [[1, 2, 150], [76, 149, 3]]
+    with pytest.raises(ValueError, match="class_ids holds 150, not a class id"):
+        conv.ade20k_class_ids_to_label_ids(np.array([[150]], np.uint8))
+    with pytest.raises(ValueError, match=r"class_ids must be an \(H, W\) uint8 array"):
+        conv.ade20k_class_ids_to_label_ids(np.zeros((2, 2, 1), np.uint8))
+
+
 # -- ocrnet test --format-only and the official evaluation ------------------------------------
 
 CITIES = {"aachen": ("000000_000019", "000001_000019"), "bochum": ("000000_000313",),

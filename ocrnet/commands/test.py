@@ -86,8 +86,9 @@ def run_test(config, checkpoint: str | os.PathLike, *, data_root: str | None = N
 
     ``format_only`` (needs ``out_dir``): the masks in the encoding of
     :data:`ocrnet.data.convert.SERVER_FORMATS` (Cityscapes: labelIds through the official
-    table, what its benchmark server and ``evalPixelLevelSemanticLabeling`` read; other
-    datasets: class ids as without it). ``split``: "val", or "test" (Cityscapes; images only,
+    table, what its benchmark server and ``evalPixelLevelSemanticLabeling`` read; ADE20K: the
+    benchmark's 1..150, class id + 1, as mmsegmentation writes them; other datasets: class
+    ids as without it). ``split``: "val", or "test" (Cityscapes; images only,
     so ``format_only`` is required and no metrics are computed or written).
 
     Returns:

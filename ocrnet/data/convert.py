@@ -37,7 +37,7 @@ from ..utils.fileio import write_text_atomic
 from .io import DataError, Progress, read_label, write_png_atomic
 
 __all__ = ["CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_NAME_TO_ID", "CITYSCAPES_TRAINID_TO_ID",
-           "SERVER_FORMATS", "cityscapes_label_ids_to_train_ids",
+           "SERVER_FORMATS", "ade20k_class_ids_to_label_ids", "cityscapes_label_ids_to_train_ids",
            "cityscapes_polygons_to_label_ids", "cityscapes_polygons_to_train_ids",
            "cityscapes_train_ids_to_label_ids", "convert_cityscapes", "sbd_mat_to_label",
            "convert_voc_aug", "main"]
@@ -97,9 +97,21 @@ def cityscapes_train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
     return _TRAIN_LUT[train_ids]
 
 
+def ade20k_class_ids_to_label_ids(class_ids: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 class ids 0..149 (the model's, after reduce_zero_label) -> the ADE20K
+    benchmark's 1..150 (0 is 'other', never predicted), as mmsegmentation's ``format_only``
+    writes them. Values above 149 raise ValueError."""
+    _check_map(class_ids, "ade20k_class_ids_to_label_ids", "class_ids")
+    if class_ids.size and int(class_ids.max()) > 149:
+        raise ValueError(f"ade20k_class_ids_to_label_ids: class_ids holds "
+                         f"{int(class_ids.max())}, not a class id (0..149)")
+    return class_ids + np.uint8(1)
+
+
 # What ``ocrnet test --format-only`` writes for a dataset (``DataConfig.dataset``): a function
 # from a predicted class-id map to the benchmark's encoding. Datasets not listed: class ids.
-SERVER_FORMATS = {"cityscapes": cityscapes_train_ids_to_label_ids}
+SERVER_FORMATS = {"cityscapes": cityscapes_train_ids_to_label_ids,
+                  "ade20k": ade20k_class_ids_to_label_ids}
 
 
 def _read_polygons(json_path: Path) -> tuple[int, int, list[tuple[int, str, bool, list]]]:
