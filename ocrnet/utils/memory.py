@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from typing import Callable, Iterable, TypeVar
 
@@ -44,6 +45,15 @@ KEEP_BYTES = 1 << 30
 _kept = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library (loaded once), or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed blocks of up to 1 GiB for reuse instead of returning
     them to the operating system; True when it took effect (glibc), False elsewhere.
@@ -61,22 +71,16 @@ def keep_freed_memory() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only (musl has a no-op mallopt)
-    except (OSError, AttributeError):
+    libc = _libc()
+    try:  # glibc only: musl has a no-op mallopt
+        glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    except OSError:
+        glibc = False
+    if libc is None or not glibc:
         return False
-    del gnu
     _kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)
                  and libc.mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_BYTES))
     return _kept
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
 
 
 def reset_peak_rss() -> bool:
