@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import ocrkernels  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import forward_backward, make_inputs, rel_err  # noqa: E402
 from test_modules import randomise_batchnorm  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -124,11 +124,9 @@ GATHER_SHAPES = ([(2, 19, 24, 5, 7), (1, 150, 20, 4, 9)] if DRY else
                   (2, 150, 512, 33, 65)])
 
 
-def _gather_run(probs, feats, grad, dtype, device, how, scale=1.0):
-    p = layout(probs.to(device, dtype), how).requires_grad_()
-    f = layout(feats.to(device, dtype), how).requires_grad_()
-    out = ocrkernels.spatial_gather(p, f, scale)
-    gp, gf = torch.autograd.grad(out, (p, f), grad.to(device, dtype))
+def _gather_run(probs, feats, grad, dtype, device, how):
+    out, gp, gf = forward_backward(ocrkernels.spatial_gather, layout(probs.to(device, dtype), how),
+                                   layout(feats.to(device, dtype), how), grad.to(device, dtype))
     return {"out": out.detach(), "grad probs": gp, "grad feats": gf}
 
 
@@ -144,10 +142,8 @@ def test_spatial_gather_layouts(backend, dtype, how):
 
 def _check_gather(shape, dtype, how):
     B, K, C, H, W = shape
-    probs, feats = _inputs(B, K, H, W, scale=3.0), _inputs(B, C, H, W)
-    grad = _inputs(B, C, K, 1)
     # the float64 truth and the dtype reference from the same rounded inputs
-    probs, feats, grad = (t.to(dtype).double() for t in (probs, feats, grad))
+    probs, feats, grad = (t.double() for t in make_inputs(B, K, C, H, W, dtype))
     exact = _gather_run(probs, feats, grad, torch.float64, "cpu", "contiguous")
     got = _gather_run(probs, feats, grad, dtype, DEVICE, how)
     with pytest.MonkeyPatch.context() as mp:
