@@ -25,9 +25,11 @@ failed=0
 for src in "${sources[@]}"; do
   echo "nvcc -c $src (sm_80, sm_90)"
   # In parallel (MAX_JOBS at a time): each file is independent.
+  # -Xptxas -v: registers, stack and spills of every kernel, checked below (0 spills allowed)
   nvcc -c -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc "${torch_inc[@]}" "${defs[@]}" \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-    "$src" -o "$out/$(basename "$src").o" &
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xptxas -v \
+    "$src" -o "$out/$(basename "$src").o" 2>"$out/$(basename "$src").log" \
+    || { cat "$out/$(basename "$src").log" >&2; exit 1; } &
   pids+=($!)
   if [ ${#pids[@]} -ge "${MAX_JOBS:-2}" ]; then
     wait "${pids[0]}" || failed=1
@@ -39,4 +41,12 @@ if [ "$failed" != 0 ]; then
   echo "CUDA compile check FAILED (see the nvcc errors above)" >&2
   exit 1
 fi
-echo "CUDA compile check: ${#sources[@]} source(s) compiled for sm_80 and sm_90"
+kernels=$(cat "$out"/*.log | grep -c "Compiling entry function" || true)
+spills=$(cat "$out"/*.log | grep "spill stores" | grep -vc " 0 bytes spill stores, 0 bytes spill loads" || true)
+if [ "$spills" != 0 ]; then
+  echo "CUDA compile check FAILED: $spills of $kernels kernel compilations spill registers:" >&2
+  cat "$out"/*.log | grep -B2 "spill stores" | grep -B2 -v " 0 bytes spill stores, 0 bytes spill loads" >&2
+  exit 1
+fi
+echo "CUDA compile check: ${#sources[@]} source(s) compiled for sm_80 and sm_90," \
+  "$kernels kernel compilations, none spills (ptxas -v)"

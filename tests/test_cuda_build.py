@@ -255,3 +255,31 @@ def test_cuda_library_is_not_loaded_into_a_cpu_torch():
         p, f = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3)
         torch.testing.assert_close(ocrkernels.spatial_gather(p, f, backend="cpu"),
                                    ocrkernels.spatial_gather(p, f, backend="reference"))
+
+
+# 64 accumulators live across a loop under a 32-register cap (2 blocks of 1024 threads per SM):
+# ptxas has to spill them to local memory.
+SPILLING_KERNEL = r"""
+__global__ void __launch_bounds__(1024, 2) spills(const float* x, float* y, int n) {
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int j = 0; j < n; ++j) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = acc[i] * x[j] + x[j + i];
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) y[threadIdx.x * 64 + i] = acc[i];
+}
+"""
+
+
+@needs_nvcc
+def test_compile_check_fails_on_a_register_spill(tmp_path):
+    src = tmp_path / "spilling.cu"
+    src.write_text(SPILLING_KERNEL)
+    bad = run_compile_check(src)
+    assert bad.returncode != 0
+    assert "spill registers" in bad.stderr and "CUDA compile check FAILED" in bad.stderr
+    assert "_Z6spillsPKfPfi" in bad.stderr  # names the kernel
+

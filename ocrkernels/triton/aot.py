@@ -10,7 +10,8 @@ target's per-block limit. For each compile it also reports what ptxas made of th
 registers per thread, spill bytes (spill stores + spill loads, ``ptxas -v`` on the job's PTX
 for its own arch, the options Triton's make_cubin uses), the shared memory, and the warps per
 SM that the registers and the shared memory allow (:func:`occupancy`). ``--max-spill BYTES``
-fails every job that spills more than that (default: report only).
+fails every job that spills more than that (default 0: any spill fails; negative: report
+only).
 
 Specialisations compiled: integer arguments as i32 (every size and stride below 2^31; the
 kernels form their offsets in int64 anyway), pointers 16-byte aligned (what torch allocates),
@@ -396,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list (default: all)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list (default: all)")
-    p.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
-                   help="fail every job spilling more than BYTES (stores + loads; "
-                        "default: report only)")
+    p.add_argument("--max-spill", type=int, default=0, metavar="BYTES",
+                   help="fail every job spilling more than BYTES (stores + loads; default 0: "
+                        "any spill fails; a negative value only reports)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write every result and the summary as JSON to PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -407,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker()
     todo = jobs(args.kernels.split(","), args.dtypes.split(","), args.targets.split(","))
     start = time.perf_counter()
-    results = limit_spill(run_check(todo, args.jobs), args.max_spill)
+    results = limit_spill(run_check(todo, args.jobs),
+                          args.max_spill if args.max_spill >= 0 else None)
     wall = time.perf_counter() - start
     failed = [r for r in results if not r.ok]
     print(f"{'':4s} {'job':48s} {'smem B':>7s} {'regs':>4s} {'spill B':>7s} {'warps/SM':>8s} "

@@ -47,6 +47,11 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
             _cfg(4, 3, BLOCK_K=32, BLOCK_C=64, BLOCK_N=64),
             _cfg(8, 2, BLOCK_K=64, BLOCK_C=128, BLOCK_N=32),
         ],
+        # float32 runs its dots as tf32x3 (two operand halves, three products): its own tiles
+        "fp32": [
+            _cfg(8, 1, BLOCK_K=32, BLOCK_C=64, BLOCK_N=32),
+            _cfg(4, 1, BLOCK_K=32, BLOCK_C=32, BLOCK_N=32),
+        ],
         "fp64": [_cfg(4, 2, BLOCK_K=32, BLOCK_C=32, BLOCK_N=32)],
     },
     "gather_merge": {
@@ -64,16 +69,16 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
             _cfg(8, 2, BLOCK_C=32, BLOCK_N=32),
         ],
         "fp32_large_k": [_cfg(8, 1, BLOCK_C=32, BLOCK_N=16)],
-        "fp64": [_cfg(4, 1, BLOCK_C=16, BLOCK_N=16)],
+        "fp64": [_cfg(8, 1, BLOCK_C=16, BLOCK_N=16)],
     },
     "gather_softmax_backward": {
         "default": [_cfg(4, 1, BLOCK_K=16, BLOCK_N=128)],
     },
     "attention_eval": {
         "small_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_C=16, BLOCK_D=32, BLOCK_CO=256)],
-        "large_k": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=32, BLOCK_D=32, BLOCK_CO=256)],
+        "large_k": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=32, BLOCK_D=32, BLOCK_CO=128)],
         "fp32": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_CO=128)],
-        "fp64": [_cfg(4, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_CO=128)],
+        "fp64": [_cfg(8, 1, BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_CO=128)],
     },
     # training-mode attention: one config per regime (each is compiled for every constexpr
     # mode the launch code uses, see .aot.MODES); the pixel block of every kernel but
@@ -85,9 +90,9 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
     },
     "train_attention": {
         "small_k": [_cfg(4, 1, BLOCK_N=64, BLOCK_D=32, BLOCK_C=64)],
-        "large_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=32, BLOCK_C=32)],
-        "fp32": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=16, BLOCK_C=16)],
-        "fp64": [_cfg(4, 1, BLOCK_N=16, BLOCK_D=16, BLOCK_C=16)],
+        "large_k": [_cfg(8, 1, BLOCK_N=32, BLOCK_D=16, BLOCK_C=32)],
+        "fp32": [_cfg(8, 1, BLOCK_N=16, BLOCK_D=16, BLOCK_C=32)],
+        "fp64": [_cfg(8, 1, BLOCK_N=16, BLOCK_D=16, BLOCK_C=16)],
     },
     "train_attention_bwd": {
         "small_k": [_cfg(4, 1, BLOCK_N=64, BLOCK_C=64)],

@@ -69,8 +69,11 @@ __global__ void __launch_bounds__(kThreads)
     m = warp_max(m);
     acc_t l = 0;
     const acc_t shift = exp_shift(m);
-    for (int64_t n = c0 + lane; n < c1; n += 32)
-      l += exp_acc(s * static_cast<acc_t>(x[n]) - shift);
+    // A pointer walk, not x[n]: with the index form ptxas keeps one more 64-bit value live
+    // around double exp's out-of-line path and spills it (8 bytes, sm_90, fp64).
+    const scalar_t* end = x + c1;
+    for (const scalar_t* q = x + c0 + lane; q < end; q += 32)
+      l += exp_acc(s * static_cast<acc_t>(*q) - shift);
     l = warp_sum(l);
     if (lane == 0) {
       smax[(b * T + j) * K + k] = m;

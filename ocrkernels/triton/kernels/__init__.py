@@ -28,6 +28,13 @@ Conventions, shared by every kernel:
       bf16 (stored as uint16 in numpy) as integers;
     * ``tl.dot`` needs every block dimension >= 16 on the GPU; the interpreter does not check
       this, the AOT check does;
+    * a float32 dot one of whose operands is a whole-K or whole-D tile held in registers across
+      a loop (the gather backward's weights, the attention's q1 and attention weights) runs as
+      ``"ieee"`` (FMA), not ``tf32x3``: the compiler keeps such an operand in the dot-operand
+      layout, replicated per warp, and tf32x3 keeps two of them (the operand's TF32 halves),
+      which at 256 rows passes 255 registers and spills; every other float32 dot is tf32x3.
+      No kernel spills on sm_80 or sm_90 (``python -m ocrkernels.triton.aot`` fails on any
+      spill);
     * non-finite numbers land where PyTorch puts them (README.md, "Non-finite numbers";
       tests/test_nonfinite.py checks it): every ReLU is ``tl.maximum(v, 0.0,
       propagate_nan=tl.PropagateNan.ALL)`` (the default maximum returns 0 for NaN, torch.relu

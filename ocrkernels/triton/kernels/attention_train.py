@@ -182,7 +182,7 @@ def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
         vals = tl.load(VALUES + (b * C + offs_c[:, None]) * K + offs_k[None, :],
                        mask=cmask[:, None] & kmask[None, :], other=0.0)
         if DOT_UP:
-            acc = tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(vals.to(ACC), att_dot, input_precision="ieee", out_dtype=ACC)  # held
         else:
             acc = tl.dot(vals, att_dot, out_dtype=ACC)
         omask = cmask[:, None] & nmask[None, :]

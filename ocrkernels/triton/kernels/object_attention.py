@@ -71,7 +71,7 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, C, 
         keys = tl.load(KEYS + (b * K + offs_k[:, None]) * D + offs_dd[None, :],
                        mask=kmask[:, None] & ddmask[None, :], other=0.0)
         if DOT_UP:
-            q2 = tl.dot(w2.to(ACC), q1_dot, input_precision=PRECISION, out_dtype=ACC)
+            q2 = tl.dot(w2.to(ACC), q1_dot, input_precision="ieee", out_dtype=ACC)  # q1 held
         else:
             q2 = tl.dot(w2, q1_dot, out_dtype=ACC)
         q2 = tl.maximum(q2 + tl.load(BQ2 + offs_dd, mask=ddmask, other=0.0).to(ACC)[:, None],
@@ -110,7 +110,7 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, C, 
             x = tl.load(x_base + offs_c[:, None].to(tl.int64) * stride_xc,
                         mask=cmask[:, None] & nmask[None, :], other=0.0)
             if DOT_UP:
-                ctx = tl.maximum(tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION,
+                ctx = tl.maximum(tl.dot(vals.to(ACC), att_dot, input_precision="ieee",
                                         out_dtype=ACC), 0.0, propagate_nan=tl.PropagateNan.ALL)
                 out += tl.dot(wctx.to(ACC), ctx, input_precision=PRECISION, out_dtype=ACC)
                 out += tl.dot(wx.to(ACC), x.to(ACC), input_precision=PRECISION, out_dtype=ACC)

@@ -166,7 +166,8 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
             g = g.to(ACC)
             f = f.to(ACC)
             g_w += tl.dot(tl.trans(g), f, input_precision=PRECISION, out_dtype=ACC)
-            g_f = tl.dot(g, w_dot, input_precision=PRECISION, out_dtype=ACC)
+            # w is held across the loop: "ieee" (FMA), see the kernels' conventions
+            g_f = tl.dot(g, w_dot, input_precision="ieee", out_dtype=ACC)
         else:
             g_w += tl.dot(tl.trans(g), f, out_dtype=ACC)
             g_f = tl.dot(g, w_dot, out_dtype=ACC)
