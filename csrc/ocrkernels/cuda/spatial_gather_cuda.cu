@@ -14,7 +14,8 @@
 //   4. R = F . W^T    torch.bmm, (B, C, N) x (B, N, K).
 // Backward, recomputing W from the saved (max, log sum):
 //   grad_F = dR . W (bmm); D = dR^T . F (bmm, then float32); delta[k] = sum_n W[k, n] D[k, n]
-//   (torch.sum: a fixed-order reduction); grad_P = s * W * (D - delta), element-wise
+//   (torch.sum: a fixed-order reduction); grad_P = s * W * (D - delta), element-wise, W read
+//   back for float32 / float64 and recomputed in float32 for fp16 / bf16
 //   (common/online_softmax.h's softmax_input_grad).
 // fp16 / bf16 maps and products with fp32 accumulation (cuBLAS) and fp32 statistics; fp64 in
 // fp64. Non-finite numbers: NaN and inf in P or F reach R and the gradients as in the
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "../common/checks.h"
 #include "../common/online_softmax.h"
@@ -106,14 +108,23 @@ __global__ void weights_kernel(const scalar_t* __restrict__ P, const acc_t* __re
       softmax_weight(s * static_cast<acc_t>(P[idx]), lse[2 * row], lse[2 * row + 1]));
 }
 
+// W: the weights the GEMMs used, in the input dtype. Where that is the accumulation dtype
+// (float32, float64) they are the exact values and are read back; fp16 / bf16 recompute them
+// in float32 from lse rather than use their rounded copy.
 template <typename scalar_t, typename acc_t>
-__global__ void bwd_p_kernel(const scalar_t* __restrict__ P, const acc_t* __restrict__ lse,
-                             const acc_t* __restrict__ D, const acc_t* __restrict__ delta,
-                             int64_t rows, int64_t N, acc_t s, scalar_t* __restrict__ gP) {
+__global__ void bwd_p_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ W,
+                             const acc_t* __restrict__ lse, const acc_t* __restrict__ D,
+                             const acc_t* __restrict__ delta, int64_t rows, int64_t N, acc_t s,
+                             scalar_t* __restrict__ gP) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * N) return;
   const int64_t row = idx / N;
-  const acc_t w = softmax_weight(s * static_cast<acc_t>(P[idx]), lse[2 * row], lse[2 * row + 1]);
+  acc_t w;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    w = W[idx];
+  } else {
+    w = softmax_weight(s * static_cast<acc_t>(P[idx]), lse[2 * row], lse[2 * row + 1]);
+  }
   gP[idx] = static_cast<scalar_t>(s * softmax_input_grad(w, D[idx], delta[row]));
 }
 
@@ -194,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor> spatial_gather_backward_cuda(const at::Tensor
                                   "spatial_gather_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     bwd_p_kernel<scalar_t, acc_t><<<blocks_for(B * K * N), kThreads, 0, current_stream()>>>(
-        P.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), D.const_data_ptr<acc_t>(),
-        delta.const_data_ptr<acc_t>(), B * K, N, static_cast<acc_t>(scale),
-        gP.mutable_data_ptr<scalar_t>());
+        P.const_data_ptr<scalar_t>(), W.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+        D.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(), B * K, N,
+        static_cast<acc_t>(scale), gP.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gP, gF};
