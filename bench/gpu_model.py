@@ -129,6 +129,8 @@ def attention_eval_costs(B: int, C: int, D: int, K: int, N: int, elt: int) -> di
     # fused: the pixel tile read once, the output written once; weights, keys and values
     # read once (every program re-reads them from L2)
     fused = elt * (B * N * 2 * C + (D * C + D * D + 2 * C * C) + B * K * (D + C))
+    if elt == 4:  # float32 stages q1 and the attention weights through a scratch buffer
+        fused += elt * B * N * (D + K)  # written once (read back from L1/L2)
     flops_unfused = 2 * B * N * (D * C + D * D + 2 * K * D + D * C + 2 * C * C)
     # out_project moved onto the K value vectors: 2*C*K instead of 2*D*C per pixel
     flops_fused = 2 * B * N * (D * C + D * D + K * D + C * K + 2 * C * C)

@@ -158,17 +158,18 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
                    N="i32", stride_gb="i32", stride_gc="i32", stride_gk="i32",
                    stride_pb="i32", stride_pk="i32", stride_pn="i32", stride_fb="i32",
                    stride_fc="i32", stride_fn="i32", scale="fp32")
-        return sig, dict(flags, BLOCK_K=kernels.next_pow2(k_value))
+        return sig, dict(flags, STAGE=kernels.stage_held(dtype),
+                         BLOCK_K=kernels.next_pow2(k_value))
     if kernel == "gather_softmax_backward":
         sig = dict(P=t, lse=acc, T=acc, delta=acc, gP=t, K="i32", N="i32", stride_pb="i32",
                    stride_pk="i32", stride_pn="i32", scale="fp32")
         return sig, dict(ACC=flags["ACC"])
     if kernel == "attention_eval":
         sig = dict(X=t, WQ1=t, BQ1=t, WQ2=t, BQ2=t, KEYS=t, VALUES=t, WCTX=t, WX=t, BOUT=t,
-                   OUT=t, C="i32", D="i32", K="i32", N="i32", stride_xb="i32",
+                   OUT=t, SCR=t, C="i32", D="i32", K="i32", N="i32", stride_xb="i32",
                    stride_xc="i32", stride_xn="i32")
-        return sig, dict(flags, D_PAD=kernels.next_pow2(D_CHANNELS),
-                         K_PAD=kernels.next_pow2(k_value))
+        return sig, dict(flags, STAGE=kernels.stage_held(dtype),
+                         D_PAD=kernels.next_pow2(D_CHANNELS), K_PAD=kernels.next_pow2(k_value))
     i32 = "i32"
     if kernel == "train_gemm":
         sig = dict(W=t, Y=t, ZP=t, PV=acc, W2=t, Y2=t, OUT=t, ZO=t, EV=acc, PART=acc, M=i32,
@@ -179,7 +180,8 @@ def _signature(kernel: str, dtype: torch.dtype, k_value: int, spec: str = "K19")
     if kernel == "train_attention":
         sig = dict(Z2=t, PV=acc, KEYS=t, VALUES=t, ATT=t, Z3=t, PART=acc, C=i32, D=i32, K=i32,
                    N=i32, NB=i32)
-        return sig, dict(flags, K_PAD=kernels.next_pow2(k_value))
+        return sig, dict(flags, STAGE=kernels.stage_held(dtype),
+                         K_PAD=kernels.next_pow2(k_value))
     if kernel == "train_attention_bwd":
         sig = dict(G3=t, Z3=t, EV=acc, VALUES=t, ATT=t, DSIM=t, C=i32, K=i32, N=i32, NB=i32)
         return sig, dict(flags, K_PAD=kernels.next_pow2(k_value))

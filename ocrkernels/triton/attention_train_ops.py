@@ -27,7 +27,7 @@ from torch.library import triton_op
 from ._launch import (DTYPES, NS, acc_torch_dtype, cdiv, fixed_block_n, kernel_flags,
                       keep_on_cpu, launch, runs_compiled)
 from .configs import regime, wgrad_chunk
-from .kernels import acc_dtype, next_pow2
+from .kernels import acc_dtype, next_pow2, stage_held
 
 __all__ = ["train_gemm", "train_attention", "train_attention_backward", "train_wgrad",
            "train_bn_relu", "train_bn_relu_backward_reduce", "train_bn_relu_backward_apply",
@@ -204,7 +204,7 @@ def train_attention(z2: Tensor, vec2: Tensor, keys: Tensor,
     launch("train_attention", lambda meta: (B * nb,),
            (z2, vec2, keys, values, att, z3, part, C, D, K, N, nb), z2.device,
            regime("train_attention", z2.dtype, k_pad), K_PAD=k_pad,
-           **kernel_flags(z2.dtype, z2.device))
+           STAGE=stage_held(z2.dtype), **kernel_flags(z2.dtype, z2.device))
     return att, z3, _merge_moments(part, B, N, block)
 
 

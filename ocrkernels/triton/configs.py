@@ -66,9 +66,9 @@ CONFIGS: dict[str, dict[str, list[Tiles]]] = {
         # float32 runs its dots as tf32x3 (two operand halves, three products): its own tiles
         "fp32": [
             _cfg(8, 1, BLOCK_C=16, BLOCK_N=32),
-            _cfg(8, 2, BLOCK_C=32, BLOCK_N=32),
+            _cfg(8, 1, BLOCK_C=32, BLOCK_N=32),
         ],
-        "fp32_large_k": [_cfg(8, 1, BLOCK_C=32, BLOCK_N=16)],
+        "fp32_large_k": [_cfg(8, 1, BLOCK_C=16, BLOCK_N=16)],
         "fp64": [_cfg(8, 1, BLOCK_C=16, BLOCK_N=16)],
     },
     "gather_softmax_backward": {

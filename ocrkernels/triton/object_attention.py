@@ -22,7 +22,7 @@ from torch.library import triton_op
 
 from ._launch import NS, cdiv, check_like, kernel_flags, keep_on_cpu, launch
 from .configs import regime
-from .kernels import next_pow2
+from .kernels import next_pow2, stage_held
 
 __all__ = ["object_attention_eval"]
 
@@ -74,13 +74,16 @@ def object_attention_eval(feats: Tensor, query_w1: Tensor, query_b1: Tensor, que
                                         out_w_context, out_w_feats, out_b)]
     out = feats.new_empty((B, C, N))
     k_pad = next_pow2(K)
+    stage = stage_held(feats.dtype)
+    # q1 and the attention weights of every pixel, read back in chunks (float32; see the kernel)
+    scratch = feats.new_empty((B, D + K, N)) if stage else out
 
     def grid(meta):
         return (B, cdiv(N, meta["BLOCK_N"]))
 
-    launch("attention_eval", grid, (x, *weights, out, C, D, K, N, *x.stride()), feats.device,
-           regime("attention_eval", feats.dtype, k_pad),
-           D_PAD=next_pow2(D), K_PAD=k_pad,
+    launch("attention_eval", grid, (x, *weights, out, scratch, C, D, K, N, *x.stride()),
+           feats.device, regime("attention_eval", feats.dtype, k_pad),
+           STAGE=stage, D_PAD=next_pow2(D), K_PAD=k_pad,
            **kernel_flags(feats.dtype, feats.device))
     return out.view(B, C, H, W)
 

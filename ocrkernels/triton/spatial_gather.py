@@ -36,7 +36,7 @@ from torch.library import triton_op
 from ._launch import (DTYPES, NS, acc_torch_dtype, cdiv, fixed_block_n, kernel_flags,
                       keep_on_cpu, launch, runs_compiled)
 from .configs import gather_chunk, regime
-from .kernels import next_pow2
+from .kernels import next_pow2, stage_held
 
 __all__ = ["spatial_gather", "spatial_gather_forward", "spatial_gather_backward",
            "default_chunk"]
@@ -137,7 +137,7 @@ def spatial_gather_backward(grad_out: Tensor, probs: Tensor, feats: Tensor, lse:
     launch("gather_backward", lambda meta: (B, blocks),
            (grad_out, probs, feats, lse, t, delta_part, grad_feats, K, C, N,
             *grad_out.stride(), *probs.stride(), *feats.stride(), float(scale)),
-           probs.device, bwd_regime, BLOCK_K=k_pad, **flags)
+           probs.device, bwd_regime, BLOCK_K=k_pad, STAGE=stage_held(probs.dtype), **flags)
     delta = delta_part.sum(dim=1).contiguous()  # fixed-order reduction: deterministic
 
     def grid(meta):

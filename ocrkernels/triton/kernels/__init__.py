@@ -28,12 +28,15 @@ Conventions, shared by every kernel:
       bf16 (stored as uint16 in numpy) as integers;
     * ``tl.dot`` needs every block dimension >= 16 on the GPU; the interpreter does not check
       this, the AOT check does;
-    * a float32 dot one of whose operands is a whole-K or whole-D tile held in registers across
-      a loop (the gather backward's weights, the attention's q1 and attention weights) runs as
-      ``"ieee"`` (FMA), not ``tf32x3``: the compiler keeps such an operand in the dot-operand
-      layout, replicated per warp, and tf32x3 keeps two of them (the operand's TF32 halves),
-      which at 256 rows passes 255 registers and spills; every other float32 dot is tf32x3.
-      No kernel spills on sm_80 or sm_90 (``python -m ocrkernels.triton.aot`` fails on any
+    * no float32 dot reduces over a whole-K or whole-D operand held in registers (the gather
+      backward's softmax weights, the attention's q1 and attention weights): one tl.dot keeps
+      its whole operand in the dot-operand layout, replicated per warp, and tf32x3 keeps two
+      copies (the TF32 halves), which at 256 rows passes 255 registers and spills. Where the
+      kernels' ``STAGE`` is set (:func:`stage_held`: float32) such an operand is stored to
+      global memory (an output it is the same values as, or a scratch buffer) and read back
+      in chunks as the reduction goes: a barrier, a store and L1/L2-resident loads instead of
+      spills. fp16 / bf16 (half the bytes, no halves) and float64 keep it in registers. No
+      kernel spills on sm_80 or sm_90 (``python -m ocrkernels.triton.aot`` fails on any
       spill);
     * non-finite numbers land where PyTorch puts them (README.md, "Non-finite numbers";
       tests/test_nonfinite.py checks it): every ReLU is ``tl.maximum(v, 0.0,
@@ -56,7 +59,7 @@ from ..configs import AUTOTUNE_KEYS, CONFIGS
 from . import attention_train, object_attention, spatial_gather
 
 __all__ = ["KERNELS", "compiled", "autotuned", "interpreted", "next_pow2", "acc_dtype",
-           "dot_precision", "dot_upcast"]
+           "dot_precision", "dot_upcast", "stage_held"]
 
 # Every kernel by the name the launch code, the configurations and the AOT check use.
 KERNELS = {
@@ -116,6 +119,12 @@ def dot_precision(dtype) -> str:
     """``input_precision`` of the kernels' ``tl.dot`` for inputs of torch dtype `dtype` (used
     only where the dot runs in the accumulation dtype)."""
     return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def stage_held(dtype) -> bool:
+    """Whether the kernels stage their whole-K / whole-D dot operands through memory (the
+    ``STAGE`` constexpr): float32, whose tf32x3 dots would hold two copies of them."""
+    return dtype == torch.float32
 
 
 def dot_upcast(dtype, interpreter: bool) -> bool:

@@ -129,8 +129,8 @@ def train_gemm(W, Y, ZP, PV, W2, Y2, OUT, ZO, EV, PART, M, J, J2, N, NB,
 
 def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
                     ACC: tl.constexpr, DOT_UP: tl.constexpr, PRECISION: tl.constexpr,
-                    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                    STAGE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Stage 3 of the training chain for one block of pixels: the attention over K and the
     context before its BatchNorm, with the statistics epilogue.
 
@@ -139,6 +139,9 @@ def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
     dtype, rows past K excluded), Z3[b] = VALUES[b] ATT[b] (values = W_out value, B x C x K),
     PART[b * NB + blk] = (sum z3, sum (z3 - block mean)^2) per channel, as train_gemm's EPI 1.
     The context is formed from the rounded ATT, so that backward sees the same weights.
+    STAGE (float32, tf32x3 dots): the context reduces over K in BLOCK_D-class chunks of ATT
+    read back after it is stored, instead of holding the whole-K weights as a dot operand
+    (see the conventions in .kernels).
     """
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NB
@@ -170,6 +173,8 @@ def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
     att = (att / tl.sum(att, axis=0)[None, :]).to(ATT.dtype.element_ty)
     tl.store(ATT + (b * K + offs_k[:, None]) * N + offs_n[None, :], att,
              mask=kmask[:, None] & nmask[None, :])
+    if STAGE:
+        tl.debug_barrier()  # all of ATT stored before any thread reads a chunk of it back
     if DOT_UP:
         att_dot = att.to(ACC)
     else:
@@ -179,12 +184,23 @@ def train_attention(Z2, PV, KEYS, VALUES, ATT, Z3, PART, C, D, K, N, NB,
     for c0 in range(0, C, BLOCK_C):
         offs_c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = offs_c < C
-        vals = tl.load(VALUES + (b * C + offs_c[:, None]) * K + offs_k[None, :],
-                       mask=cmask[:, None] & kmask[None, :], other=0.0)
-        if DOT_UP:
-            acc = tl.dot(vals.to(ACC), att_dot, input_precision="ieee", out_dtype=ACC)  # held
+        if STAGE:
+            acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+            for k0 in range(0, K, BLOCK_D):
+                offs_kc = (k0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                kcmask = offs_kc < K
+                vk = tl.load(VALUES + (b * C + offs_c[:, None]) * K + offs_kc[None, :],
+                             mask=cmask[:, None] & kcmask[None, :], other=0.0)
+                ak = tl.load(ATT + (b * K + offs_kc[:, None]) * N + offs_n[None, :],
+                             mask=kcmask[:, None] & nmask[None, :], other=0.0)
+                acc += tl.dot(vk.to(ACC), ak.to(ACC), input_precision=PRECISION, out_dtype=ACC)
         else:
-            acc = tl.dot(vals, att_dot, out_dtype=ACC)
+            vals = tl.load(VALUES + (b * C + offs_c[:, None]) * K + offs_k[None, :],
+                           mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_UP:
+                acc = tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION, out_dtype=ACC)
+            else:
+                acc = tl.dot(vals, att_dot, out_dtype=ACC)
         omask = cmask[:, None] & nmask[None, :]
         zr = acc.to(Z3.dtype.element_ty)
         tl.store(Z3 + (b * C + offs_c[:, None]) * N + offs_n[None, :], zr, mask=omask)

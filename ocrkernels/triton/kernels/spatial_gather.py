@@ -121,7 +121,8 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
                     stride_gb, stride_gc, stride_gk, stride_pb, stride_pk, stride_pn,
                     stride_fb, stride_fc, stride_fn, scale,
                     ACC: tl.constexpr, DOT_UP: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                    STAGE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """The feature gradient and the first half of the logit gradient, for one block of pixels
     and all K classes (BLOCK_K >= K).
 
@@ -134,6 +135,11 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
     Taking delta from the same products T (not from the output, sum_c G R) makes the two terms
     cancel exactly where the softmax saturates (W = 1 at one pixel), as in the reference.
     Each element is written by exactly one program: deterministic, safe to autotune.
+
+    STAGE (float32, whose dots run as tf32x3): W is first stored into this block's columns of
+    T (float32 there, the same values) and G . W reduces over K in BLOCK_C-class chunks read
+    back from it, so that no dot holds the whole-K W in registers (see the conventions in
+    .kernels); T then receives its own values.
     """
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
@@ -153,6 +159,11 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
         w_dot = w
     else:
         w_dot = w.to(F.dtype.element_ty)
+    t_rows = T + (b * K) * N + offs_n[None, :]  # row k of this block's T at t_rows + k * N
+    t_tile = t_rows + offs_k.to(tl.int64)[:, None] * N
+    if STAGE:
+        tl.store(t_tile, w.to(T.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
+        tl.debug_barrier()  # all of W stored before any thread reads a chunk of it back
 
     g_w = tl.full([BLOCK_K, BLOCK_N], 0.0, ACC)
     for c0 in range(0, C, BLOCK_C):
@@ -162,12 +173,24 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
                     mask=cmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_C, BLOCK_K)
         f = tl.load(F + b * stride_fb + offs_c[:, None] * stride_fc + offs_n[None, :] * stride_fn,
                     mask=cmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_C, BLOCK_N)
-        if DOT_UP:
+        if STAGE:
+            g_w += tl.dot(tl.trans(g.to(ACC)), f.to(ACC), input_precision=PRECISION,
+                          out_dtype=ACC)
+            g_f = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+            for k0 in range(0, K, BLOCK_C):
+                offs_kc = k0 + tl.arange(0, BLOCK_C)
+                kcmask = offs_kc < K
+                gk = tl.load(G + b * stride_gb + offs_c[:, None] * stride_gc
+                             + offs_kc[None, :] * stride_gk,
+                             mask=cmask[:, None] & kcmask[None, :], other=0.0)
+                wk = tl.load(t_rows + offs_kc.to(tl.int64)[:, None] * N,
+                             mask=kcmask[:, None] & nmask[None, :], other=0.0)
+                g_f += tl.dot(gk.to(ACC), wk.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+        elif DOT_UP:
             g = g.to(ACC)
             f = f.to(ACC)
             g_w += tl.dot(tl.trans(g), f, input_precision=PRECISION, out_dtype=ACC)
-            # w is held across the loop: "ieee" (FMA), see the kernels' conventions
-            g_f = tl.dot(g, w_dot, input_precision="ieee", out_dtype=ACC)
+            g_f = tl.dot(g, w_dot, input_precision=PRECISION, out_dtype=ACC)
         else:
             g_w += tl.dot(tl.trans(g), f, out_dtype=ACC)
             g_f = tl.dot(g, w_dot, out_dtype=ACC)
@@ -176,8 +199,9 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
     # T is kept in the input dtype (it is read back once, K x N); delta sums the rounded
     # values, so that T - W * delta still cancels exactly where W = 1.
     t = (w * g_w).to(T.dtype.element_ty)
-    tl.store(T + (b * K + offs_k[:, None]) * N + offs_n[None, :], t,
-             mask=kmask[:, None] & nmask[None, :])
+    if STAGE:
+        tl.debug_barrier()  # every chunk of W read before T is overwritten
+    tl.store(t_tile, t, mask=kmask[:, None] & nmask[None, :])
     tl.store(delta_part + (b * tl.num_programs(1) + blk) * K + offs_k,
              tl.sum(t.to(ACC), axis=1), mask=kmask)
 
