@@ -282,4 +282,3 @@ def test_compile_check_fails_on_a_register_spill(tmp_path):
     assert bad.returncode != 0
     assert "spill registers" in bad.stderr and "CUDA compile check FAILED" in bad.stderr
     assert "_Z6spillsPKfPfi" in bad.stderr  # names the kernel
-

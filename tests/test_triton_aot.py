@@ -48,12 +48,11 @@ def test_every_kernel_config_and_dtype_compiles_for_sm80_and_sm90():
         assert "cubin" in r.stages and 0 <= r.shared <= aot.SHARED_LIMIT[r.job.target]
         # ptxas -v's registers and spills, and the occupancy they allow, for every job
         assert 0 < r.registers <= aot.MAX_REGISTERS
+        assert 0 < r.warps_per_sm <= aot.MAX_WARPS_PER_SM and r.warps_per_sm % r.num_warps == 0
     # no job spills registers to local memory (docs/GPU.md, "Registers and spills")
     spilling = [f"{r.job.describe()}: {r.spill} B at {r.registers} registers"
                 for r in results if r.spill]
     assert not spilling, "\n".join(spilling)
-    for r in results:
-        assert 0 < r.warps_per_sm <= aot.MAX_WARPS_PER_SM and r.warps_per_sm % r.num_warps == 0
 
 
 def test_register_and_spill_report_and_the_max_spill_limit():

@@ -146,24 +146,21 @@ def attention_eval(X, WQ1, BQ1, WQ2, BQ2, KEYS, VALUES, WCTX, WX, BOUT, OUT, SCR
                                  mask=kcmask[:, None] & nmask[None, :], other=0.0)
                     ctx += tl.dot(vk.to(ACC), ak.to(ACC), input_precision=PRECISION,
                                   out_dtype=ACC)
-                ctx = tl.maximum(ctx, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                out += tl.dot(wctx.to(ACC), ctx, input_precision=PRECISION, out_dtype=ACC)
-                out += tl.dot(wx.to(ACC), x.to(ACC), input_precision=PRECISION, out_dtype=ACC)
             else:
                 vals = tl.load(VALUES + (b * C + offs_c[:, None]) * K + offs_k[None, :],
                                mask=cmask[:, None] & kmask[None, :], other=0.0)
                 if DOT_UP:
-                    ctx = tl.maximum(tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION,
-                                            out_dtype=ACC), 0.0,
-                                     propagate_nan=tl.PropagateNan.ALL)
-                    out += tl.dot(wctx.to(ACC), ctx, input_precision=PRECISION, out_dtype=ACC)
-                    out += tl.dot(wx.to(ACC), x.to(ACC), input_precision=PRECISION,
-                                  out_dtype=ACC)
+                    ctx = tl.dot(vals.to(ACC), att_dot, input_precision=PRECISION,
+                                 out_dtype=ACC)
                 else:
-                    ctx = tl.maximum(tl.dot(vals, att_dot, out_dtype=ACC), 0.0,
-                                     propagate_nan=tl.PropagateNan.ALL)
-                    out += tl.dot(wctx, ctx.to(X.dtype.element_ty), out_dtype=ACC)
-                    out += tl.dot(wx, x, out_dtype=ACC)
+                    ctx = tl.dot(vals, att_dot, out_dtype=ACC)
+            ctx = tl.maximum(ctx, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            if DOT_UP:
+                out += tl.dot(wctx.to(ACC), ctx, input_precision=PRECISION, out_dtype=ACC)
+                out += tl.dot(wx.to(ACC), x.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+            else:
+                out += tl.dot(wctx, ctx.to(X.dtype.element_ty), out_dtype=ACC)
+                out += tl.dot(wx, x, out_dtype=ACC)
         out = tl.maximum(out + tl.load(BOUT + offs_co, mask=comask, other=0.0).to(ACC)[:, None],
                          0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(OUT + (b * C + offs_co[:, None]) * N + offs_n[None, :],

@@ -173,9 +173,12 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
                     mask=cmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_C, BLOCK_K)
         f = tl.load(F + b * stride_fb + offs_c[:, None] * stride_fc + offs_n[None, :] * stride_fn,
                     mask=cmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_C, BLOCK_N)
+        if DOT_UP:
+            g = g.to(ACC)
+            g_w += tl.dot(tl.trans(g), f.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            g_w += tl.dot(tl.trans(g), f, out_dtype=ACC)
         if STAGE:
-            g_w += tl.dot(tl.trans(g.to(ACC)), f.to(ACC), input_precision=PRECISION,
-                          out_dtype=ACC)
             g_f = tl.zeros([BLOCK_C, BLOCK_N], ACC)
             for k0 in range(0, K, BLOCK_C):
                 offs_kc = k0 + tl.arange(0, BLOCK_C)
@@ -187,12 +190,8 @@ def gather_backward(G, P, F, lse, T, delta_part, gF, K, C, N,
                              mask=kcmask[:, None] & nmask[None, :], other=0.0)
                 g_f += tl.dot(gk.to(ACC), wk.to(ACC), input_precision=PRECISION, out_dtype=ACC)
         elif DOT_UP:
-            g = g.to(ACC)
-            f = f.to(ACC)
-            g_w += tl.dot(tl.trans(g), f, input_precision=PRECISION, out_dtype=ACC)
             g_f = tl.dot(g, w_dot, input_precision=PRECISION, out_dtype=ACC)
         else:
-            g_w += tl.dot(tl.trans(g), f, out_dtype=ACC)
             g_f = tl.dot(g, w_dot, out_dtype=ACC)
         tl.store(gF + (b * C + offs_c[:, None]) * N + offs_n[None, :],
                  g_f.to(gF.dtype.element_ty), mask=cmask[:, None] & nmask[None, :])
